@@ -1,0 +1,21 @@
+"""Versioned, validated documents that connect the stages. Importing this needs no torch."""
+from asam_tune.records.base import Record, dump_record, load_record, parse_record, write_atomic
+from asam_tune.records.fingerprint import CpuInfo, Fingerprint, GpuInfo, fingerprint_differences
+from asam_tune.records.profile import (
+    BatchPoint,
+    ContentionPoint,
+    DeviceConfig,
+    DeviceProfile,
+    Profile,
+    ProfileSettings,
+    TimingStats,
+    TransferPoint,
+    WorkloadDescriptor,
+)
+
+__all__ = [
+    "Record", "dump_record", "load_record", "parse_record", "write_atomic",
+    "CpuInfo", "Fingerprint", "GpuInfo", "fingerprint_differences",
+    "BatchPoint", "ContentionPoint", "DeviceConfig", "DeviceProfile", "Profile",
+    "ProfileSettings", "TimingStats", "TransferPoint", "WorkloadDescriptor",
+]

@@ -1,0 +1,103 @@
+"""Frozen, versioned records and their strict, atomic file I/O (no torch import).
+
+Every stage hands the next one a record (profile, plan, ...). Records are pydantic models that
+reject unknown keys, NaN/inf and wrongly-typed values; loading turns pydantic's errors into one
+``RecordError`` that names the file, the JSON path and expected versus actual.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from asam_tune.errors import RecordError
+
+R = TypeVar("R", bound="Record")
+
+
+class Record(BaseModel):
+    """Base of every on-disk document: strict, frozen, no extra keys, finite numbers only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=False, sort_keys=False)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON form; a plan stores its profile's hash."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, allow_nan=False,
+                               separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _json_path(loc: tuple) -> str:
+    path = "$"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def parse_record(cls: type[R], document: Any, source: str = "<document>") -> R:
+    """Validate an already-decoded JSON document; raise ``RecordError`` on the first problem."""
+    if not isinstance(document, dict):
+        raise RecordError(source, "$", "a JSON object", type(document).__name__)
+    declared = document.get("schema_version")
+    expected_version = cls.model_fields["schema_version"].default if "schema_version" in cls.model_fields else None
+    if expected_version is not None and declared != expected_version:
+        raise RecordError(source, "$.schema_version", f"{expected_version!r}", declared)
+    try:
+        return cls.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        actual = first.get("input", "<missing>")
+        if first["type"] == "missing":
+            actual = "<missing>"
+        raise RecordError(source, _json_path(first["loc"]), first["msg"].lower(), actual) from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name}")
+
+
+def load_record(cls: type[R], path: str | os.PathLike) -> R:
+    """Read, decode and validate a record file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecordError(source, "$", "an existing file", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordError(source, "$", "a readable UTF-8 file", str(exc)) from None
+    try:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError and NaN/Infinity literals
+        raise RecordError(source, "$", "valid JSON with finite numbers", str(exc)) from None
+    return parse_record(cls, document, source)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` so that readers see the old file or the new one, never half of it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def dump_record(record: Record, path: str | os.PathLike) -> None:
+    write_atomic(path, record.to_json() + "\n")

@@ -1,0 +1,141 @@
+"""The profile: what the profiler measured, the record the cost model reads (no torch import).
+
+Layout (schema_version 1)::
+
+    Profile
+      fingerprint          the machine (records.fingerprint)
+      workload             what was measured: model name, parameter count, shape hash, dtype
+      settings             how it was measured: warm-up, minimum time, noise threshold
+      devices[]            one per device configuration (a GPU, or the CPU at N threads)
+        points[]           one per batch size: ok with timings, or oom, or error
+      transfers[]          weights main -> perturbation device, perturbation back
+      contention[]         main step alone vs while the perturbation device is busy
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+
+from asam_tune.records.base import Record
+from asam_tune.records.fingerprint import Fingerprint
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+class TimingStats(Record):
+    """Repeated timings of one operation, in seconds."""
+
+    median_s: PositiveFloat
+    iqr_s: NonNegativeFloat
+    samples_s: tuple[PositiveFloat, ...] = Field(min_length=1)
+    # True when iqr/median exceeded the profile's noise threshold.
+    noisy: bool = False
+
+
+class DeviceConfig(Record):
+    """One way of running the model: a GPU, a GPU's second stream, or the CPU at N threads."""
+
+    device: str = Field(pattern=r"^(cpu|cuda:\d+|fake:\w+)$")
+    threads: PositiveInt | None = None
+    cores: tuple[int, ...] | None = None
+    secondary_stream: bool = False
+
+    @property
+    def key(self) -> str:
+        """Stable name used to refer to this configuration across records: 'cpu/2t', 'cuda:0'."""
+        if self.threads is not None:
+            return f"{self.device}/{self.threads}t"
+        return f"{self.device}+stream" if self.secondary_stream else self.device
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device == "cpu"
+
+
+class BatchPoint(Record):
+    batch_size: PositiveInt
+    status: Literal["ok", "oom", "error"]
+    forward_backward: TimingStats | None = None
+    optimizer_step: TimingStats | None = None
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _status_matches_content(self) -> "BatchPoint":
+        timed = self.forward_backward is not None and self.optimizer_step is not None
+        if self.status == "ok" and not timed:
+            raise ValueError("an 'ok' point needs forward_backward and optimizer_step timings")
+        if self.status != "ok" and (self.forward_backward or self.optimizer_step):
+            raise ValueError(f"a {self.status!r} point carries no timings")
+        if self.status == "error" and not self.error:
+            raise ValueError("an 'error' point needs its error message")
+        return self
+
+
+class DeviceProfile(Record):
+    config: DeviceConfig
+    points: tuple[BatchPoint, ...]
+
+    def ok_points(self) -> list[BatchPoint]:
+        return sorted((p for p in self.points if p.status == "ok"), key=lambda p: p.batch_size)
+
+
+class TransferPoint(Record):
+    """Copying the model's parameters from ``source`` to ``target`` and a same-sized tensor back."""
+
+    source: str  # DeviceConfig.key of the main device
+    target: str  # DeviceConfig.key of the candidate perturbation device
+    parameter_bytes: PositiveInt
+    pinned: bool
+    to_target: TimingStats
+    to_source: TimingStats
+
+
+class ContentionPoint(Record):
+    """The main device's step time alone and while ``busy`` computes at the same time."""
+
+    main: str  # DeviceConfig.key
+    busy: str  # DeviceConfig.key
+    batch_size: PositiveInt
+    main_alone: TimingStats
+    main_while_busy: TimingStats
+
+    @property
+    def slowdown(self) -> float:
+        return self.main_while_busy.median_s / self.main_alone.median_s
+
+
+class WorkloadDescriptor(Record):
+    name: str  # built-in name, or the 'package.module:factory' string it came from
+    input_shape: tuple[PositiveInt, ...]
+    num_classes: PositiveInt
+    parameter_count: PositiveInt
+    parameter_shapes_hash: str
+    dtype: str
+
+
+class ProfileSettings(Record):
+    warmup: int = Field(ge=0)
+    min_time_s: PositiveFloat
+    min_repeats: PositiveInt
+    noise_threshold: PositiveFloat
+    quick: bool = False
+
+
+class Profile(Record):
+    schema_version: Literal[1] = PROFILE_SCHEMA_VERSION
+    kind: Literal["asam-tune-profile"] = "asam-tune-profile"
+    created_at: str
+    asam_tune_version: str
+    fingerprint: Fingerprint
+    workload: WorkloadDescriptor
+    settings: ProfileSettings
+    devices: tuple[DeviceProfile, ...]
+    transfers: tuple[TransferPoint, ...] = ()
+    contention: tuple[ContentionPoint, ...] = ()
+
+    def device(self, key: str) -> DeviceProfile:
+        for entry in self.devices:
+            if entry.config.key == key:
+                return entry
+        raise KeyError(f"no device configuration {key!r} in profile; have {[d.config.key for d in self.devices]}")
