@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from asam_tune.errors import RecordError
+from asam_tune.errors import RecordError, UserInputError
 
 R = TypeVar("R", bound="Record")
 
@@ -51,7 +51,12 @@ def parse_record(cls: type[R], document: Any, source: str = "<document>") -> R:
     if expected_version is not None and declared != expected_version:
         raise RecordError(source, "$.schema_version", f"{expected_version!r}", declared)
     try:
-        return cls.model_validate(document)
+        # Validate in JSON mode: strict about types, yet JSON arrays are accepted as tuples.
+        text = json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise RecordError(source, "$", "JSON-serialisable finite values", str(exc)) from None
+    try:
+        return cls.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         actual = first.get("input", "<missing>")
@@ -80,22 +85,40 @@ def load_record(cls: type[R], path: str | os.PathLike) -> R:
     return parse_record(cls, document, source)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not after minutes of measuring, when ``path`` cannot be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserInputError(f"cannot write {str(path)!r}: it is a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    if not os.access(target.parent, os.W_OK):
+        raise UserInputError(f"cannot write {str(path)!r}: its folder is not writable")
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` so that readers see the old file or the new one, never half of it."""
+    check_writable(path)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UserInputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise UserInputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
         raise
 
 

@@ -49,12 +49,14 @@ def fingerprint_differences(expected: Fingerprint, actual: Fingerprint) -> list[
     """What makes two machines different for timing purposes, one phrase per difference.
 
     Versions of Python and the exact affinity set are not compared: they do not change
-    what a device can compute in a step. An empty list means "the same machine".
+    what a device can compute in a step. A field unknown on either side (None) is not a
+    difference: a scheduler without torch cannot know the CUDA version. An empty list means
+    "the same machine".
     """
     differences: list[str] = []
 
     def compare(label: str, a: object, b: object) -> None:
-        if a != b:
+        if a is not None and b is not None and a != b:
             differences.append(f"{label}: {a!r} != {b!r}")
 
     compare("cpu model", expected.cpu.model, actual.cpu.model)

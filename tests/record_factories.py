@@ -1,0 +1,48 @@
+"""Hand-made, valid records for tests (no torch)."""
+from __future__ import annotations
+
+from asam_tune.records import (
+    BatchPoint, ContentionPoint, CpuInfo, DeviceConfig, DeviceProfile, Fingerprint, Profile,
+    ProfileSettings, TimingStats, TransferPoint, WorkloadDescriptor,
+)
+
+
+def stats(seconds: float) -> TimingStats:
+    return TimingStats(median_s=seconds, iqr_s=0.0, samples_s=(seconds,) * 3)
+
+
+def fingerprint(cores: int = 2) -> Fingerprint:
+    return Fingerprint(cpu=CpuInfo(model="Test CPU", physical_cores=cores, logical_cores=cores,
+                                   affinity=tuple(range(cores)), usable_cores=cores),
+                       python_version="3.11.7", torch_version="2.13.0")
+
+
+def affine_device(config: DeviceConfig, a: float, b: float, opt: float,
+                  batch_sizes=(8, 16, 32, 64, 128)) -> DeviceProfile:
+    return DeviceProfile(config=config, points=tuple(
+        BatchPoint(batch_size=n, status="ok", forward_backward=stats(a + b * n), optimizer_step=stats(opt))
+        for n in batch_sizes))
+
+
+def small_profile() -> Profile:
+    cpu1 = DeviceConfig(device="cpu", threads=1, cores=(0,))
+    cpu2 = DeviceConfig(device="cpu", threads=2, cores=(0, 1))
+    return Profile(
+        created_at="2026-11-27T00:00:00Z",
+        asam_tune_version="0.1.0",
+        fingerprint=fingerprint(),
+        workload=WorkloadDescriptor(name="mnist1d-cnn", input_shape=(40,), num_classes=10,
+                                    parameter_count=20000, parameter_shapes_hash="abc", dtype="float32"),
+        settings=ProfileSettings(warmup=2, min_time_s=0.1, min_repeats=3, noise_threshold=0.1),
+        devices=(
+            affine_device(cpu1, 0.001, 0.0001, 0.0002),
+            affine_device(cpu2, 0.001, 0.00006, 0.0002),
+            DeviceProfile(config=DeviceConfig(device="cpu", threads=4),
+                          points=(BatchPoint(batch_size=8, status="oom"),
+                                  BatchPoint(batch_size=16, status="error", error="boom"))),
+        ),
+        transfers=(TransferPoint(source="cpu/1t", target="cpu/1t", parameter_bytes=80000, pinned=False,
+                                 to_target=stats(1e-5), to_source=stats(1e-5)),),
+        contention=(ContentionPoint(main="cpu/1t", busy="cpu/1t", batch_size=64,
+                                    main_alone=stats(0.0074), main_while_busy=stats(0.008)),),
+    )

@@ -1,0 +1,136 @@
+"""Profile records: round trip, strict validation with precise messages, fuzzed documents."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from asam_tune.errors import RecordError
+from asam_tune.records import Profile, dump_record, load_record, parse_record
+from tests.record_factories import small_profile
+
+
+def document() -> dict:
+    return json.loads(small_profile().to_json())
+
+
+def test_round_trip_through_a_file_is_lossless(tmp_path):
+    profile = small_profile()
+    path = tmp_path / "p.json"
+    dump_record(profile, path)
+    assert load_record(Profile, path) == profile
+    assert load_record(Profile, path).content_hash() == profile.content_hash()
+
+
+def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "sub" / "p.json"
+    dump_record(small_profile(), path)
+    dump_record(small_profile(), path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["p.json"]
+
+
+@pytest.mark.parametrize(
+    "mutate, json_path, expected",
+    [
+        (lambda d: d.update(surprise=1), "$.surprise", "extra inputs are not permitted"),
+        (lambda d: d["devices"][0]["points"][1].update(batch_size=16.5), "$.devices[0].points[1].batch_size",
+         "valid integer"),
+        (lambda d: d["devices"][0]["points"][0]["forward_backward"].update(median_s=0),
+         "$.devices[0].points[0].forward_backward.median_s", "greater than 0"),
+        (lambda d: d["devices"][0]["points"][0]["forward_backward"].update(median_s=-1.0),
+         "$.devices[0].points[0].forward_backward.median_s", "greater than 0"),
+        (lambda d: d.update(schema_version=99), "$.schema_version", "1"),
+        (lambda d: d["devices"][0]["config"].update(device="tpu"), "$.devices[0].config.device", "pattern"),
+        (lambda d: d.pop("workload"), "$.workload", "field required"),
+    ],
+)
+def test_invalid_documents_name_the_file_the_path_and_the_expectation(tmp_path, mutate, json_path, expected):
+    doc = document()
+    mutate(doc)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(RecordError) as info:
+        load_record(Profile, path)
+    message = str(info.value)
+    assert str(path) in message and json_path in message and expected in message.lower()
+    assert "\n" not in message
+
+
+def test_nan_and_infinity_literals_are_rejected(tmp_path):
+    text = json.dumps(document()).replace('"iqr_s": 0.0', '"iqr_s": NaN', 1)
+    path = tmp_path / "nan.json"
+    path.write_text(text)
+    with pytest.raises(RecordError, match="finite"):
+        load_record(Profile, path)
+    doc = document()
+    doc["devices"][0]["points"][0]["forward_backward"]["median_s"] = math.inf
+    with pytest.raises(RecordError):
+        parse_record(Profile, doc)
+
+
+@pytest.mark.parametrize("content, expected", [("", "valid JSON"), ("[1, 2]", "a JSON object"),
+                                               ("{\"schema_version\": 1", "valid JSON")])
+def test_corrupt_files_give_one_line_errors(tmp_path, content, expected):
+    path = tmp_path / "corrupt.json"
+    path.write_text(content)
+    with pytest.raises(RecordError, match=expected):
+        load_record(Profile, path)
+
+
+def test_missing_file_is_a_record_error(tmp_path):
+    with pytest.raises(RecordError, match="no such file"):
+        load_record(Profile, tmp_path / "absent.json")
+
+
+def test_point_status_must_match_its_timings():
+    doc = document()
+    doc["devices"][0]["points"][0]["status"] = "oom"
+    with pytest.raises(RecordError, match="carries no timings"):
+        parse_record(Profile, doc)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, prefix + (index,))
+
+
+ALL_PATHS = [p for p in _paths(document()) if p]
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**12), st.floats(allow_nan=True),
+                       st.text(max_size=5), st.lists(st.integers(), max_size=2),
+                       st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(ALL_PATHS), value=ODD_VALUES, delete=st.booleans())
+def test_mutated_documents_give_only_validation_errors_or_success(path, value, delete):
+    doc = copy.deepcopy(document())
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    try:
+        parse_record(Profile, doc)
+    except RecordError:
+        pass
+
+
+def test_reading_a_profile_imports_no_torch(tmp_path):
+    path = tmp_path / "p.json"
+    dump_record(small_profile(), path)
+    code = ("import sys; from asam_tune.records import Profile, load_record; "
+            f"load_record(Profile, {str(path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
