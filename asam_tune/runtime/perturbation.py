@@ -17,11 +17,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 or wider: SAM's 1e-12 epsilon vanishes in fp16 and a half-precision norm overflows."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ascent_perturbation(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -38,14 +33,15 @@ def ascent_perturbation(
     away; see the runtime).
     """
     params = trainable_parameters(model)
+    if not params:
+        return []
     for p in params:
         p.grad = None
     loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    if not grads:
-        return []
-    wide = norm_dtype(grads[0].dtype)
+    # fp64 for the norm if any gradient is fp64 (mixed-precision models), else fp32.
+    wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in grads]))
     if not torch.isfinite(norm):
         return None

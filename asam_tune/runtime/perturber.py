@@ -8,7 +8,10 @@ Protocol, one job at a time:
   submit(step, weights, x, y)  copy what the job needs and start it; returns at once
   ready()                      True when collect() would not wait
   collect(timeout)             the result, waiting at most ``timeout`` seconds; raises
-                               WorkerError when the worker died, hung or raised
+                               WorkerError when the worker died, hung or raised. An expired
+                               timeout is not "try again later": the worker counts as hung,
+                               is killed (ProcessPerturber) or abandoned (StreamPerturber),
+                               and stays unusable. Use ready() to poll.
   close()                      stop and free everything; idempotent
 """
 from __future__ import annotations
