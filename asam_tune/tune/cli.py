@@ -1,0 +1,195 @@
+"""``asam-tune tune``: its flags (``add_tune_parser``) and what it does (``run_tune``).
+
+Outputs, next to ``--output tuned.json``: the tuned plan itself, ``tuned.tuning.json`` (the
+tuning record: every trial, measured beside predicted) and ``tuned.study.db`` (the Optuna
+study; running the same command again resumes it and adds ``--trials`` more).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from asam_tune.cli.args import fraction as _fraction
+from asam_tune.cli.args import non_negative_int as _non_negative_int
+from asam_tune.cli.args import positive_float as _positive_float
+from asam_tune.cli.args import positive_int as _positive_int
+from asam_tune.errors import UserInputError
+
+_console = Console(stderr=True)
+
+DEFAULT_TRIALS = 20
+DEFAULT_STEPS_PER_TRIAL = 20
+DEFAULT_WARMUP_STEPS = 5
+
+
+def add_tune_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``tune`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    parser = subparsers.add_parser("tune", help="refine a plan with short measured trials (Optuna)",
+                                   description="Refine a plan with short windows of real asynchronous-SAM steps.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plan", help="plan JSON to refine")
+    source.add_argument("--profile", help="profile JSON to plan from first (with --batch-size)")
+    parser.add_argument("--batch-size", "-b", type=_positive_int, default=None,
+                        help="training batch size B (required with --profile)")
+    workload = parser.add_mutually_exclusive_group()
+    workload.add_argument("--workload", default=None,
+                          help="built-in workload: mnist1d-cnn, resnet20, vit-tiny (default: the plan's)")
+    workload.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                          help="your own model factory (a plan never imports code: name it here)")
+    parser.add_argument("--input-shape", default=None, metavar="C,H,W", help="per-sample input shape for --model")
+    parser.add_argument("--num-classes", type=_positive_int, default=None)
+    parser.add_argument("--trials", type=_positive_int, default=DEFAULT_TRIALS,
+                        help=f"trials to run now; a resumed study adds them (default {DEFAULT_TRIALS})")
+    parser.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
+                        help="start no trial after S seconds")
+    parser.add_argument("--output", "-o", required=True, help="where to write the tuned plan JSON")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (default: sqlite:///<output without .json>.study.db)")
+    parser.add_argument("--study-name", default=None, help="study name in the storage (default: asam-tune)")
+    parser.add_argument("--steps-per-trial", type=_positive_int, default=DEFAULT_STEPS_PER_TRIAL,
+                        help=f"timed steps per trial (default {DEFAULT_STEPS_PER_TRIAL}, at least 3)")
+    parser.add_argument("--warmup-steps", type=_non_negative_int, default=DEFAULT_WARMUP_STEPS,
+                        help=f"untimed steps before them (default {DEFAULT_WARMUP_STEPS})")
+    parser.add_argument("--margin", type=_fraction, default=None,
+                        help="allowed wait and distance from SGD's step, as a share (default: the plan's)")
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    parser.add_argument("--allow-other-machine", action="store_true",
+                        help="use a plan or profile made on another machine (warns)")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    return parser
+
+
+# ----------------------------------------------------------------------------- paths
+
+def _stem(output: Path) -> Path:
+    return output.with_suffix("") if output.suffix == ".json" else output
+
+
+def tuning_record_path(output: str | os.PathLike) -> Path:
+    """'tuned.json' -> 'tuned.tuning.json'."""
+    output = Path(output)
+    return _stem(output).with_name(_stem(output).name + ".tuning.json")
+
+
+def default_storage(output: str | os.PathLike) -> str:
+    """'tuned.json' -> 'sqlite:////abs/tuned.study.db'."""
+    stem = _stem(Path(output).resolve())
+    return f"sqlite:///{stem.with_name(stem.name + '.study.db')}"
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _source_plan(args: argparse.Namespace):
+    from asam_tune import api
+
+    if args.plan is not None:
+        plan = api.load_plan(args.plan)
+        api.check_machine(plan, allow_other_machine=args.allow_other_machine)
+        if args.batch_size is not None and args.batch_size != plan.batch_size:
+            raise UserInputError(f"--batch-size {args.batch_size} differs from the plan's batch size {plan.batch_size}")
+        return plan
+    if args.batch_size is None:
+        raise UserInputError("--profile needs --batch-size: the plan to tune is made for one batch size")
+    profile = api.load_profile(args.profile)
+    api.check_machine(profile, allow_other_machine=args.allow_other_machine)
+    margin = args.margin if args.margin is not None else 0.05
+    return api.plan_for(profile, args.batch_size, margin=margin)
+
+
+def _workload(args: argparse.Namespace, plan):
+    from asam_tune.workloads import BUILTINS, load_workload, parse_shape
+
+    if args.model is not None:
+        if os.getcwd() not in sys.path:  # a user's 'mymodels:factory' beside them, as with 'python -m'
+            sys.path.insert(0, os.getcwd())
+        spec = args.model
+    else:
+        if args.input_shape is not None:
+            raise UserInputError("--input-shape goes with --model, not with a built-in --workload")
+        spec = args.workload or plan.workload.name
+        if spec not in BUILTINS:
+            raise UserInputError(f"the plan is for model {spec!r}: pass --model {spec} to import it "
+                                 f"(a plan never imports code)")
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else None
+    workload = load_workload(spec, input_shape=shape, num_classes=args.num_classes)
+    if workload.name != plan.workload.name:
+        raise UserInputError(f"the plan is for workload {plan.workload.name!r}, not {workload.name!r}")
+    return workload
+
+
+def _nearest_cores(plan, main_device: str) -> tuple[int, ...]:
+    if not main_device.startswith("cuda:"):
+        return ()
+    index = int(main_device.split(":")[1])
+    gpu = next((g for g in plan.profile_fingerprint.gpus if g.index == index), None)
+    return tuple(gpu.nearest_cores or ()) if gpu is not None else ()
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from asam_tune.fingerprint import usable_core_ids
+    from asam_tune.records import dump_record
+    from asam_tune.tune.render import render_tuning
+    from asam_tune.tune.result import tuned_plan, tuning_record
+    from asam_tune.tune.space import SearchSpace
+    from asam_tune.tune.study import STUDY_NAME, run_study
+
+    if not (isinstance(args.rho, (int, float)) and 0 < args.rho < float("inf")):
+        raise UserInputError(f"Invalid --rho: {args.rho!r} (tuning needs a finite rho > 0)")
+    if args.steps_per_trial < 3:
+        raise UserInputError(f"--steps-per-trial {args.steps_per_trial} is too few: at least 3 timed steps")
+    plan = _source_plan(args)
+    margin = args.margin if args.margin is not None else plan.margin
+    workload = _workload(args, plan)
+    usable = tuple(usable_core_ids())  # before any trial pins this process
+    space = SearchSpace.from_plan(plan, len(usable))
+    nearest = _nearest_cores(plan, space.main_device)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
+    storage = args.storage or default_storage(output)
+    study_name = args.study_name or STUDY_NAME
+    identity = {"workload": plan.workload.name, "parameter_shapes_hash": plan.workload.parameter_shapes_hash,
+                "batch_size": plan.batch_size, "main_device": space.main_device,
+                "perturbations": list(space.perturbations), "core_budget": space.core_budget}
+
+    from asam_tune.tune.trial import WorkloadTrialRunner  # torch: only once the inputs are known good
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console, disable=not _console.is_terminal, transient=True) as bar:
+        task = bar.add_task("measuring SGD and SAM, then the cost model's choice", total=args.trials)
+
+        def report(outcome) -> None:
+            label = outcome.config.label() if outcome.config is not None else "?"
+            bar.update(task, advance=1, description=f"trial {outcome.number} ({label}): {outcome.state}")
+
+        with WorkloadTrialRunner(workload, plan, space, usable, steps=args.steps_per_trial, warmup=args.warmup_steps,
+                                 rho=args.rho, nearest_cores=nearest) as runner:
+            result = run_study(space, runner, margin=margin, n_trials=args.trials, timeout_s=args.timeout,
+                               storage=storage, study_name=study_name, seed=args.seed,
+                               planned=space.planned_config(plan), identity=identity, on_trial=report)
+
+    tuned = tuned_plan(plan, space, result, margin=margin, usable_core_ids=usable, nearest_cores=nearest)
+    record = tuning_record(plan, tuned, result, margin=margin, steps=args.steps_per_trial, warmup=args.warmup_steps)
+    record_path = tuning_record_path(output)
+    if tuned is not None:
+        dump_record(tuned, output)
+    dump_record(record, record_path)
+    if args.format == "json":
+        print(json.dumps(record.model_dump(mode="json"), indent=2, allow_nan=False))
+    else:
+        console = Console()
+        for table in render_tuning(record):
+            console.print(table)
+    if tuned is None:
+        _console.print(f"no plan written: {result.choice.reason}; trials recorded in {record_path}")
+        return 1
+    _console.print(f"tuned plan written to {output}; tuning record to {record_path}; study in {storage} "
+                   f"({result.new_trials} new trial(s), {len(result.outcomes)} in all)")
+    return 0
