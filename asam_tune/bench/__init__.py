@@ -1,0 +1,1 @@
+"""Benchmarks that measure the product's claims (scripts, not tests): speed and accuracy."""

@@ -1,0 +1,294 @@
+"""Online b_p adaptation benchmark: does asynchronous SAM get back to SGD's step time?
+
+On a CPU machine, the main process on one core (one thread) and the CPU worker on another::
+
+    python -m asam_tune.bench.adapt --workload mnist1d-cnn --batch-size 100 --steps 400 --output out.json
+
+measures, in one run: SGD's median step time on the main core; the ascent's time at a few
+``b_p`` on the same core, from which the ``b_p`` that hides (its time fits in one SGD step) is
+estimated; then two asynchronous-SAM runs with adaptation on (default settings):
+
+- ``wrong_plan``: starts from twice the ``b_p`` that hides (capped at B; ``--initial-bp``);
+- ``competing_load``: starts from the ``b_p`` that hides; at ``--load-at`` a busy loop pinned
+  to the worker's core starts and runs to the end.
+
+For each: per-step times and ``b_p``, the rolling median (window 20) of step time / SGD's
+median, the first step at which it is back to <= 1.10 (the issue's target: within 200 steps),
+the b_p trajectory and the final ratio. Stamped with machine, date, commit and the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from asam_tune.bench.provenance import provenance
+from asam_tune.bench.speed import place, time_sgd
+from asam_tune.cli import args as types
+from asam_tune.errors import UserInputError
+from asam_tune.fingerprint import usable_core_ids
+from asam_tune.records.base import write_atomic
+from asam_tune.runtime import AsyncSAM
+from asam_tune.runtime.affinity import can_pin
+from asam_tune.runtime.perturbation import ascent_perturbation
+from asam_tune.workloads import Workload, load_workload
+
+TARGET_RATIO = 1.10  # asynchronous SAM / SGD, the issue's target
+ROLLING_WINDOW = 20
+DISTINCT_BATCHES = 8  # cycled: no data loading inside the timer
+WARMUP = 10  # SGD steps dropped before timing
+
+# A process that spins on one core once it reads a line, and stops when its parent is gone.
+_BUSY_LOOP = """
+import os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+parent = int(sys.argv[2])
+sys.stdin.readline()
+while os.getppid() == parent:
+    for _ in range(200_000):
+        pass
+"""
+
+
+class BusyLoop:
+    """A competing CPU load on one core: started idle, spins from ``start()`` until ``stop()``."""
+
+    def __init__(self, core: int):
+        self.process = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(core), str(os.getpid())],
+                                        stdin=subprocess.PIPE)
+
+    def start(self) -> None:
+        self.process.stdin.write(b"go\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
+def _batches(workload: Workload, batch_size: int, count: int) -> list:
+    generator = torch.Generator().manual_seed(1234)
+    made = [workload.make_batch(batch_size, generator=generator) for _ in range(DISTINCT_BATCHES)]
+    return [made[i % DISTINCT_BATCHES] for i in range(count)]
+
+
+def _fresh(workload: Workload, lr: float):
+    torch.manual_seed(0)
+    model = workload.build().train()
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def ascent_times(workload: Workload, batch: tuple, sizes: list[int], rho: float, repeats: int = 15) -> dict[int, float]:
+    """Median time of the ascent (forward, backward, norm) at each ``b_p``, in this process."""
+    model = workload.build().train()
+    x, y = batch
+    medians = {}
+    for b in sizes:
+        samples = []
+        for i in range(repeats + 3):
+            started = time.perf_counter()
+            ascent_perturbation(model, workload.loss_fn, x[:b], y[:b], rho)
+            if i >= 3:  # warm-up
+                samples.append(time.perf_counter() - started)
+        medians[b] = statistics.median(samples)
+    return medians
+
+
+def hiding_batch_size(medians: dict[int, float], budget_s: float, batch_size: int) -> int:
+    """The largest b_p whose fitted time ``a + k * b_p`` fits in ``budget_s`` (1 to B)."""
+    xs, ys = list(medians), list(medians.values())
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+    if slope <= 0:
+        return batch_size
+    fitted = math.floor((budget_s - (mean_y - slope * mean_x)) / slope)
+    return max(1, min(batch_size, fitted))
+
+
+def rolling_ratios(times: list[float], baseline_s: float, window: int = ROLLING_WINDOW) -> list[float | None]:
+    """Median of the last ``window`` step times / the baseline, per step (None until a full window)."""
+    return [None if i + 1 < window else statistics.median(times[i + 1 - window: i + 1]) / baseline_s
+            for i in range(len(times))]
+
+
+def first_within(ratios: list[float | None], start: int = 0, target: float = TARGET_RATIO) -> int | None:
+    return next((i for i in range(start, len(ratios)) if ratios[i] is not None and ratios[i] <= target), None)
+
+
+def first_above(ratios: list[float | None], start: int = 0, target: float = TARGET_RATIO) -> int | None:
+    return next((i for i in range(start, len(ratios)) if ratios[i] is not None and ratios[i] > target), None)
+
+
+def run_adapting(workload: Workload, batches: list, initial_bp: int, worker_core: int, *, rho: float, lr: float,
+                 on_step: Callable[[int], None] = lambda step: None) -> dict:
+    """Asynchronous SAM with adaptation on: per-step time and the b_p each step left for the next job."""
+    model, optimizer = _fresh(workload, lr)
+    times, sizes = [], []
+    with AsyncSAM(model, optimizer, workload.loss_fn, rho, perturbation_device="cpu", threads=1,
+                  cores=(worker_core,), perturbation_batch_size=initial_bp, adapt=True) as sam:
+        for step, (x, y) in enumerate(sam.lookahead(batches)):
+            on_step(step)
+            started = time.perf_counter()
+            sam.step(x, y)
+            times.append(time.perf_counter() - started)
+            sizes.append(sam.perturbation_batch_size)
+        stats = sam.stats()
+    return {"initial_bp": initial_bp, "step_times_s": times, "b_p": sizes,
+            "trajectory": [list(entry) for entry in stats.perturbation_batch_size_trajectory],
+            "wait_median_s": stats.wait_median_s, "worker_compute_median_s": stats.worker_compute_median_s,
+            "staleness_histogram": {str(k): v for k, v in stats.staleness_histogram.items()},
+            "fallbacks": stats.fallbacks}
+
+
+def _summarise(run: dict, sgd_s: float, ratios: list[float | None], back: int | None) -> dict:
+    """``back``: the step the rolling ratio came back to the target (None: never)."""
+    times = run["step_times_s"]
+    tail = times[-max(ROLLING_WINDOW, len(times) // 4):]
+    after = [r for r in ratios[back:] if r is not None] if back is not None else []
+    return {"rolling_ratio": ratios, "back_within_target_step": back,
+            "share_within_target_after": (sum(r <= TARGET_RATIO for r in after) / len(after)) if after else None,
+            "final_ratio": ratios[-1], "tail_ratio": statistics.median(tail) / sgd_s, "tail_steps": len(tail),
+            "final_b_p": run["b_p"][-1]}
+
+
+def run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int = 400, initial_bp: int | None = None,
+                    load_at: int | None = None, main_core: int = 0, worker_core: int = 1, rho: float = 0.05,
+                    lr: float = 0.01, sgd_steps: int = 100,
+                    progress: Callable[[str], None] = lambda message: None) -> dict:
+    if steps < 2 * ROLLING_WINDOW:
+        raise UserInputError(f"Invalid steps: {steps!r} (need at least {2 * ROLLING_WINDOW})")
+    load_at = max(ROLLING_WINDOW, steps // 4) if load_at is None else load_at
+    if not ROLLING_WINDOW <= load_at < steps:
+        raise UserInputError(f"Invalid load_at: {load_at!r} (expected a step in [{ROLLING_WINDOW}, {steps}))")
+    usable = usable_core_ids()
+    if not can_pin() or main_core == worker_core or not {main_core, worker_core} <= set(usable):
+        raise UserInputError(f"main core {main_core} and worker core {worker_core} must be two distinct usable "
+                             f"cores of {list(usable)} on a machine that can pin processes")
+    if isinstance(workload, str):
+        workload = load_workload(workload)
+    result: dict = {**provenance(), "workload": workload.name, "batch_size": batch_size, "steps": steps,
+                    "rho": rho, "lr": lr, "main_core": main_core, "worker_core": worker_core,
+                    "target_ratio": TARGET_RATIO, "rolling_window": ROLLING_WINDOW,
+                    "loadavg_start": os.getloadavg()}
+    place((main_core,), 1)
+    batches = _batches(workload, batch_size, max(steps, WARMUP + sgd_steps))
+
+    def sgd_times() -> list[float]:
+        return time_sgd(workload, batches[:WARMUP + sgd_steps], torch.device("cpu"), WARMUP, lr)
+
+    progress(f"SGD on core {main_core}")
+    sgd_before = sgd_times()
+    sgd_s = statistics.median(sgd_before)  # the estimate's budget; the ratios use the pooled median
+
+    sizes = sorted({max(1, batch_size // 8), max(1, batch_size // 4), max(1, batch_size // 2), batch_size})
+    medians = ascent_times(workload, batches[0], sizes, rho)
+    hides = hiding_batch_size(medians, sgd_s, batch_size)
+    result["estimate"] = {"ascent_median_s": {str(b): t for b, t in medians.items()}, "hiding_bp": hides,
+                          "how": f"ascent timed on core {main_core} alone, fitted a + k*b_p, largest b_p "
+                                 "within one SGD step"}
+    wrong = min(batch_size, 2 * hides) if initial_bp is None else initial_bp
+    if not 1 <= wrong <= batch_size:
+        raise UserInputError(f"Invalid initial_bp: {initial_bp!r} (expected 1 to {batch_size})")
+    result["estimate"]["wrong_by"] = wrong / hides  # below 2 when capped at B
+
+    progress(f"asynchronous SAM from a wrong b_p = {wrong} (about {hides} hides)")
+    wrong_plan = run_adapting(workload, batches[:steps], wrong, worker_core, rho=rho, lr=lr)
+    progress("SGD again")
+    sgd_after = sgd_times()
+    # Before and after pooled: on a shared machine the baseline drifts; both medians are kept.
+    sgd_s = statistics.median(sgd_before + sgd_after)
+    result["sgd"] = {"step_median_s": sgd_s, "before_median_s": statistics.median(sgd_before),
+                     "after_median_s": statistics.median(sgd_after), "steps_each": len(sgd_before)}
+    ratios = rolling_ratios(wrong_plan["step_times_s"], sgd_s)
+    result["wrong_plan"] = {**wrong_plan, **_summarise(wrong_plan, sgd_s, ratios, first_within(ratios))}
+
+    progress(f"asynchronous SAM from b_p = {hides}, a busy loop on core {worker_core} from step {load_at}")
+    load = BusyLoop(worker_core)
+    try:
+        def start_load(step: int) -> None:
+            if step == load_at:
+                load.start()
+
+        competing = run_adapting(workload, batches[:steps], hides, worker_core, rho=rho, lr=lr, on_step=start_load)
+        progress("SGD with the busy loop still running")
+        sgd_loaded_s = statistics.median(sgd_times())
+    finally:
+        load.stop()
+    ratios = rolling_ratios(competing["step_times_s"], sgd_s)
+    degraded = first_above(ratios, load_at)  # None: the load never pushed it above the target
+    back = first_within(ratios, degraded) if degraded is not None else None
+    result["competing_load"] = {**competing, **_summarise(competing, sgd_s, ratios, back), "load_at": load_at,
+                                "sgd_under_load_median_s": sgd_loaded_s,
+                                "first_above_target_after_load_step": degraded,
+                                "steps_to_recover": None if back is None else back - load_at}
+    result["loadavg_end"] = os.getloadavg()
+    return result
+
+
+def report(result: dict) -> str:
+    def ratio(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    w, c = result["wrong_plan"], result["competing_load"]
+    lines = [
+        f"{result['workload']}, B={result['batch_size']}, {result['steps']} steps; main core {result['main_core']}, "
+        f"worker core {result['worker_core']}; load average {result['loadavg_start'][0]:.2f} -> "
+        f"{result['loadavg_end'][0]:.2f}; {result['date']}; commit {result['commit']}",
+        f"SGD median step {result['sgd']['step_median_s'] * 1e3:.3f} ms (before "
+        f"{result['sgd']['before_median_s'] * 1e3:.3f}, after {result['sgd']['after_median_s'] * 1e3:.3f}); "
+        f"b_p that hides (estimated) {result['estimate']['hiding_bp']}",
+        f"wrong plan: b_p {w['initial_bp']} -> {w['final_b_p']}; rolling ASAM/SGD <= {TARGET_RATIO} from step "
+        f"{w['back_within_target_step']}; final {ratio(w['final_ratio'])}, last {w['tail_steps']} steps "
+        f"{ratio(w['tail_ratio'])}; trajectory {w['trajectory']}",
+        f"competing load from step {c['load_at']}: above target from step {c['first_above_target_after_load_step']}, "
+        f"back at step {c['back_within_target_step']} ({c['steps_to_recover']} steps after the load began); "
+        f"final {ratio(c['final_ratio'])}, last {c['tail_steps']} steps {ratio(c['tail_ratio'])}; "
+        f"SGD under load {c['sgd_under_load_median_s'] * 1e3:.3f} ms; trajectory {c['trajectory']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="mnist1d-cnn")
+    parser.add_argument("--batch-size", type=types.positive_int, default=100)
+    parser.add_argument("--steps", type=types.positive_int, default=400)
+    parser.add_argument("--initial-bp", type=types.positive_int, default=None,
+                        help="the wrong b_p to start from (default: twice what hides, at most B)")
+    parser.add_argument("--load-at", type=types.positive_int, default=None,
+                        help="step at which the competing load starts (default: steps / 4)")
+    parser.add_argument("--main-core", type=types.non_negative_int, default=0)
+    parser.add_argument("--worker-core", type=types.non_negative_int, default=1)
+    parser.add_argument("--sgd-steps", type=types.positive_int, default=100)
+    parser.add_argument("--rho", type=types.non_negative_float, default=0.05)
+    parser.add_argument("--lr", type=types.positive_float, default=0.01)
+    parser.add_argument("--output", default=None, help="write the full result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        result = run_adapt_bench(args.workload, args.batch_size, steps=args.steps, initial_bp=args.initial_bp,
+                                 load_at=args.load_at, main_core=args.main_core, worker_core=args.worker_core,
+                                 rho=args.rho, lr=args.lr, sgd_steps=args.sgd_steps,
+                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except UserInputError as exc:
+        parser.error(str(exc))
+    if args.output:
+        write_atomic(args.output, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

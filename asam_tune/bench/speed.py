@@ -1,0 +1,196 @@
+"""Step times of SGD, synchronous SAM and asynchronous SAM, measured in one run.
+
+All three run in this process on the same main device with the same placement (the plan's
+main cores and threads), one after the other, each on a fresh copy of the model and the same
+synthetic batches; asynchronous SAM adds the plan's worker. On a CPU machine SGD is also
+measured on every usable core ("sgd_all_cores"), which is what a user without asam-tune
+would run. The result is a plain dict (JSON) stamped with machine, date and commit.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from asam_tune.bench.provenance import provenance
+from asam_tune.errors import UserInputError
+from asam_tune.fingerprint import usable_core_ids
+from asam_tune.records.plan import Plan
+from asam_tune.runtime import AsyncSAM
+from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+from asam_tune.timing import summarize
+from asam_tune.workloads import Workload, load_workload
+
+DISTINCT_BATCHES = 8  # cycled: enough variety, no data-loading time inside the timer
+NOISE_THRESHOLD = 0.1  # IQR / median above which a run is flagged noisy (as the profiler does)
+
+
+def main_placement(plan: Plan) -> tuple[torch.device, tuple[int, ...], int]:
+    """The main device, the cores the main process runs on and its thread count."""
+    usable = usable_core_ids()
+    worker = set(plan.perturbation.cores or ()) if plan.worker_cores else set()
+    free = [c for c in usable if c not in worker] or list(usable)
+    cores = tuple(free[: plan.main_cores])
+    device = torch.device(plan.main_device.split("/")[0])
+    return device, cores, len(cores)
+
+
+def place(cores: tuple[int, ...], threads: int) -> None:
+    if can_pin():
+        pin_process(cores)
+    torch.set_num_threads(threads)
+
+
+def synthetic_batches(workload: Workload, batch_size: int, count: int, device: torch.device) -> list:
+    generator = torch.Generator().manual_seed(1234)
+    made = [workload.make_batch(batch_size, generator=generator) for _ in range(DISTINCT_BATCHES)]
+    made = [(x.to(device), y.to(device)) for x, y in made]
+    return [made[i % DISTINCT_BATCHES] for i in range(count)]
+
+
+def _summary(samples: list[float]) -> dict:
+    stats = summarize(samples, noise_threshold=NOISE_THRESHOLD)
+    return {"step_time_median_s": stats.median_s, "step_time_iqr_s": stats.iqr_s, "steps": len(samples),
+            "noisy": stats.noisy}
+
+
+def _fresh(workload: Workload, device: torch.device, lr: float):
+    torch.manual_seed(0)
+    model = workload.build().to(device).train()
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def time_sgd(workload: Workload, batches: list, device: torch.device, warmup: int, lr: float) -> list[float]:
+    model, optimizer = _fresh(workload, device, lr)
+    sync, times = _sync_for(device), []
+    for x, y in batches:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        workload.loss_fn(model(x), y).backward()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times[warmup:]
+
+
+def time_sam(workload: Workload, batches: list, device: torch.device, warmup: int, lr: float,
+             rho: float, **sam_options) -> tuple[list[float], dict]:
+    model, optimizer = _fresh(workload, device, lr)
+    sync, times = _sync_for(device), []
+    with AsyncSAM(model, optimizer, workload.loss_fn, rho, **sam_options) as sam:
+        for x, y in sam.lookahead(batches):
+            started = time.perf_counter()
+            sam.step(x, y)
+            sync()
+            times.append(time.perf_counter() - started)
+        stats = sam.stats()
+    return times[warmup:], {"wait_median_s": stats.wait_median_s,
+                            "worker_compute_median_s": stats.worker_compute_median_s,
+                            "staleness_histogram": {str(k): v for k, v in stats.staleness_histogram.items()},
+                            "fallbacks": stats.fallbacks, "skipped_perturbations": stats.skipped_perturbations}
+
+
+def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, device: torch.device,
+                 main_cores: tuple[int, ...], main_threads: int, warmup: int, lr: float, rho: float,
+                 progress: Callable[[str], None]) -> None:
+    if device.type == "cpu":
+        everything = usable_core_ids()
+        place(everything, len(everything))
+        progress(f"SGD on all {len(everything)} usable cores")
+        result["sgd_all_cores"] = {**_summary(time_sgd(workload, batches, device, warmup, lr)),
+                                   "threads": len(everything)}
+    place(main_cores, main_threads)
+    progress("SGD")
+    result["sgd"] = _summary(time_sgd(workload, batches, device, warmup, lr))
+    progress("synchronous SAM")
+    sam_times, _ = time_sam(workload, batches, device, warmup, lr, rho, staleness=0)
+    result["sam"] = _summary(sam_times)
+    progress(f"asynchronous SAM ({plan.perturbation.key}, b_p={plan.perturbation_batch_size})")
+    # adapt=False: measure the plan's b_p as planned (bench/adapt.py measures the adaptation).
+    asam_times, asam_stats = time_sam(workload, batches, device, warmup, lr, rho, plan=plan,
+                                      allow_other_machine=True, adapt=False)
+    result["asam"] = {**_summary(asam_times), **asam_stats}
+
+
+def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, warmup: int = 5,
+                    rho: float = 0.05, lr: float = 0.01,
+                    progress: Callable[[str], None] = lambda message: None) -> dict:
+    if steps < 3:
+        raise UserInputError(f"Invalid steps: {steps!r} (need at least 3 timed steps)")
+    if isinstance(workload, str):
+        workload = load_workload(workload)
+    batch_size = plan.batch_size
+    device, main_cores, main_threads = main_placement(plan)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"the plan's main device is {plan.main_device} but CUDA is not available here")
+    batches = synthetic_batches(workload, batch_size, warmup + steps, device)
+    result: dict = {**provenance(), "workload": workload.name, "batch_size": batch_size, "steps": steps,
+                    "warmup": warmup, "rho": rho,
+                    "placement": {"main_device": str(device), "main_cores": list(main_cores),
+                                  "main_threads": main_threads, "perturbation": plan.perturbation.key,
+                                  "worker_cores": list(plan.perturbation.cores or ()),
+                                  "perturbation_batch_size": plan.perturbation_batch_size, "mode": plan.mode}}
+    before = (allowed_cores(), torch.get_num_threads())
+    try:
+        _measure_all(result, workload, plan, batches, device, main_cores, main_threads, warmup, lr, rho, progress)
+    finally:  # leave the caller's process as it was (gpu_check and tune run this in-process)
+        if before[0] is not None and can_pin():
+            pin_process(before[0])
+        torch.set_num_threads(before[1])
+
+    t_sgd, t_sam, t_asam = (result[k]["step_time_median_s"] for k in ("sgd", "sam", "asam"))
+    result["asam_over_sgd"] = t_asam / t_sgd
+    result["sam_over_sgd"] = t_sam / t_sgd
+    result["hidden_fraction"] = (t_sam - t_asam) / (t_sam - t_sgd) if t_sam > t_sgd else None
+    if "sgd_all_cores" in result:
+        result["asam_over_sgd_all_cores"] = t_asam / result["sgd_all_cores"]["step_time_median_s"]
+    # The plan's SGD and SAM baselines run on every free core of a CPU machine (the main
+    # accelerator otherwise): compare each prediction with the run that matches it.
+    predicted = plan.predictions
+    baseline = result.get("sgd_all_cores", result["sgd"])["step_time_median_s"]
+    result["verdict"] = plan.verdict
+    result["predicted"] = {"sgd_step_s": predicted.sgd_step_s, "sam_step_s": predicted.sam_step_s,
+                           "asam_step_s": predicted.asam_step_s}
+    result["prediction_error"] = {"asam": predicted.asam_step_s / t_asam - 1,
+                                  "sgd": predicted.sgd_step_s / baseline - 1}
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown table with its provenance, for docs/."""
+    machine, placement = result["machine"], result["placement"]
+    sgd = result["sgd"]["step_time_median_s"]
+    predicted = result["predicted"]
+
+    def row(label: str, key: str, predicted_s: float | None = None) -> str:
+        r = result[key]
+        guess = f"{1e3 * predicted_s:.2f}" if predicted_s is not None else ""
+        return (f"| {label} | {1e3 * r['step_time_median_s']:.2f} | {1e3 * r['step_time_iqr_s']:.2f} | "
+                f"{r['step_time_median_s'] / sgd:.2f} | {guess} |")
+
+    rows = []
+    if "sgd_all_cores" in result:
+        rows.append(row(f"SGD, all {result['sgd_all_cores']['threads']} cores", "sgd_all_cores",
+                        predicted["sgd_step_s"]))
+    rows += [row(f"SGD, main cores {placement['main_cores']}", "sgd"),
+             row("synchronous SAM, main cores", "sam"),
+             row(f"asynchronous SAM, worker {placement['perturbation']} on cores {placement['worker_cores']}, "
+                 f"b_p={placement['perturbation_batch_size']}", "asam", predicted["asam_step_s"])]
+    hidden = result["hidden_fraction"]
+    return "\n".join([
+        f"`{result['workload']}`, B={result['batch_size']}, {result['steps']} timed steps after {result['warmup']} "
+        f"warm-up. Machine: {machine['cpu']}, {machine['usable_cores']} usable cores, GPUs: "
+        f"{', '.join(machine['gpus']) or 'none'}; torch {machine['torch']}; {result['date']}; "
+        f"commit {result['commit']}.", "",
+        "| run | median ms | IQR ms | x SGD (main cores) | predicted ms |", "|---|---|---|---|---|", *rows, "",
+        f"asynchronous SAM / SGD = {result['asam_over_sgd']:.3f}; SAM / SGD = {result['sam_over_sgd']:.2f}; "
+        f"hidden fraction = {'-' if hidden is None else f'{hidden:.2f}'}; worker {1e3 * result['asam']['worker_compute_median_s']:.2f}"
+        f" ms per job; the main process waited {1e3 * result['asam']['wait_median_s']:.2f} ms per step (median); "
+        f"predicted / measured asynchronous step - 1 = {result['prediction_error']['asam']:+.1%}. "
+        f"Plan's verdict: {result['verdict']}",
+    ]) + "\n"

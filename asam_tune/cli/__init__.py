@@ -1,0 +1,1 @@
+"""The ``asam-tune`` command line."""

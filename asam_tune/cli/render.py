@@ -1,0 +1,146 @@
+"""Rich tables for profiles, plans and benchmark results (no torch import)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from asam_tune.records.profile import Profile
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def profile_tables(profile: Profile) -> list[Table]:
+    fp = profile.fingerprint
+    wl = profile.workload
+    gpus = ", ".join(g.name or f"gpu {g.index}" for g in fp.gpus) or "none"
+    header = Table(title="Profile", show_header=False)
+    header.add_row("workload", f"{wl.name} ({wl.parameter_count:,} parameters, {wl.dtype}, input {wl.input_shape})")
+    header.add_row("cpu", f"{fp.cpu.model or 'unknown'}; usable cores {fp.cpu.usable_cores}")
+    header.add_row("gpus", gpus)
+    header.add_row("torch", f"{fp.torch_version} (cuda {fp.cuda_version})")
+    header.add_row("created", profile.created_at)
+    tables = [header]
+
+    points = Table(title="Forward+backward and optimizer step (medians)")
+    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy"):
+        points.add_column(column, justify="right" if column not in ("device", "status") else "left")
+    for entry in profile.devices:
+        for point in sorted(entry.points, key=lambda p: p.batch_size):
+            fb, opt = point.forward_backward, point.optimizer_step
+            rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
+            status = point.status if point.status != "error" else f"error: {point.error}"
+            noisy = "yes" if (fb and fb.noisy) or (opt and opt.noisy) else ""
+            points.add_row(entry.config.key, str(point.batch_size), status,
+                           _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
+                           _ms(opt.median_s if opt else None), noisy)
+    tables.append(points)
+
+    if profile.transfers:
+        transfers = Table(title="Transfers (parameters out, perturbation back)")
+        for column in ("from", "to", "MB", "pinned", "out ms", "back ms"):
+            transfers.add_column(column)
+        for t in profile.transfers:
+            transfers.add_row(t.source, t.target, f"{t.parameter_bytes / 1e6:.2f}", str(t.pinned),
+                              _ms(t.to_target.median_s), _ms(t.to_source.median_s))
+        tables.append(transfers)
+    if profile.contention:
+        contention = Table(title="Contention (main step while the other device is busy)")
+        for column in ("main", "busy", "batch", "alone ms", "while busy ms", "slowdown"):
+            contention.add_column(column)
+        for c in profile.contention:
+            contention.add_row(c.main, c.busy, str(c.batch_size), _ms(c.main_alone.median_s),
+                               _ms(c.main_while_busy.median_s), f"{c.slowdown:.2f}x")
+        tables.append(contention)
+    return tables
+
+
+def print_tables(tables: list[Table], console: Console | None = None) -> None:
+    console = console or Console()
+    for table in tables:
+        console.print(table)
+
+
+def _pert_label(perturbation) -> str:
+    label = perturbation.key
+    if perturbation.cores:
+        label += f" on cores {','.join(map(str, perturbation.cores))}"
+    return label
+
+
+def plan_tables(plan) -> list[Table]:
+    p = plan.predictions
+    choice = Table(title="Plan", show_header=False)
+    choice.add_row("workload", f"{plan.workload.name} at batch size {plan.batch_size}")
+    choice.add_row("main device", f"{plan.main_device} ({plan.main_cores} core(s) per rank)")
+    choice.add_row("perturbation", _pert_label(plan.perturbation))
+    choice.add_row("perturbation batch (b_p)", str(plan.perturbation_batch_size))
+    choice.add_row("mode", f"{plan.mode} (staleness {plan.staleness})")
+    choice.add_row("hidden", "yes" if plan.feasible else "no")
+    choice.add_row("verdict", plan.verdict)
+    tables = [choice]
+
+    compare = Table(title="Predicted step time")
+    for column in ("", "ms", "x SGD"):
+        compare.add_column(column, justify="left" if not column else "right")
+    for name, seconds in (("SGD", p.sgd_step_s), ("SAM", p.sam_step_s), ("asynchronous SAM", p.asam_step_s)):
+        compare.add_row(name, _ms(seconds), f"{seconds / p.sgd_step_s:.2f}")
+    compare.caption = (f"hidden fraction {p.hidden_fraction:.2f}, speed-up over SAM {p.speedup_over_sam:.2f}x; "
+                       f"perturbation {_ms(p.perturbation_time_s)} ms (transfers {_ms(p.transfer_time_s)} ms, "
+                       f"{p.transfer}), contention x{p.contention_slowdown:.2f} ({p.contention})")
+    tables.append(compare)
+
+    if plan.alternatives:
+        others = Table(title="Alternatives")
+        for column in ("main", "perturbation", "b_p", "mode", "hidden", "asam ms", "x SGD"):
+            others.add_column(column)
+        for alt in plan.alternatives:
+            ap = alt.predictions
+            others.add_row(alt.main_device, _pert_label(alt.perturbation), str(alt.perturbation_batch_size),
+                           alt.mode, "yes" if alt.feasible else "no", _ms(ap.asam_step_s),
+                           f"{ap.asam_step_s / ap.sgd_step_s:.2f}")
+        tables.append(others)
+    if plan.notes:
+        notes = Table(title="Notes", show_header=False)
+        for note in plan.notes:
+            notes.add_row(note)
+        tables.append(notes)
+    return tables
+
+
+def training_table(results: list[dict]) -> Table:
+    table = Table(title="MNIST-1D training")
+    for column in ("optimizer", "test acc %", "train acc %", "time s", "step ms", "b_p", "staleness"):
+        table.add_column(column, justify="left" if column == "optimizer" else "right")
+    for r in results:
+        worker = r.get("worker") or {}
+        staleness = ", ".join(f"{k}:{v}" for k, v in (worker.get("staleness_histogram") or {}).items())
+        table.add_row(r["method"], f"{100 * r['test_accuracy']:.1f}", f"{100 * r['train_accuracy']:.1f}",
+                      f"{r['train_time_s']:.1f}", _ms(r["step_time_median_s"]),
+                      str(r.get("perturbation_batch_size") or ("-" if r["method"] == "sgd" else r["batch_size"])),
+                      staleness or "-")
+    return table
+
+
+def bench_table(result: dict) -> Table:
+    placement = result["placement"]
+    table = Table(title=f"{result['workload']} at batch {result['batch_size']}: median step time "
+                        f"({result['steps']} steps)")
+    for column in ("", "ms", "x SGD", "predicted ms"):
+        table.add_column(column, justify="left" if not column else "right")
+    sgd = result["sgd"]["step_time_median_s"]
+    predicted = result.get("predicted", {})
+    rows = [("SGD", "sgd", None), ("SAM", "sam", None), ("asynchronous SAM", "asam", "asam_step_s")]
+    if "sgd_all_cores" in result:
+        rows.insert(0, (f"SGD on all {result['sgd_all_cores']['threads']} cores", "sgd_all_cores", "sgd_step_s"))
+    for label, key, predicted_key in rows:
+        seconds = result[key]["step_time_median_s"]
+        table.add_row(label, _ms(seconds), f"{seconds / sgd:.2f}",
+                      _ms(predicted.get(predicted_key)) if predicted_key else "")
+    hidden = result.get("hidden_fraction")
+    table.caption = (f"main {placement['main_device']} on cores {placement['main_cores']}, perturbation "
+                     f"{placement['perturbation']} b_p={placement['perturbation_batch_size']}; hidden fraction "
+                     f"{'-' if hidden is None else f'{hidden:.2f}'}; worker {_ms(result['asam']['worker_compute_median_s'])}"
+                     f" ms/job, main waited {_ms(result['asam']['wait_median_s'])} ms/step")
+    return table
