@@ -104,6 +104,9 @@ def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, de
         progress(f"SGD on all {len(everything)} usable cores")
         result["sgd_all_cores"] = {**_summary(time_sgd(workload, batches, device, warmup, lr)),
                                    "threads": len(everything)}
+        progress(f"synchronous SAM on all {len(everything)} usable cores")
+        sam_times, _ = time_sam(workload, batches, device, warmup, lr, rho, staleness=0)
+        result["sam_all_cores"] = {**_summary(sam_times), "threads": len(everything)}
     place(main_cores, main_threads)
     progress("SGD")
     result["sgd"] = _summary(time_sgd(workload, batches, device, warmup, lr))
@@ -152,12 +155,14 @@ def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, wa
     # The plan's SGD and SAM baselines run on every free core of a CPU machine (the main
     # accelerator otherwise): compare each prediction with the run that matches it.
     predicted = plan.predictions
-    baseline = result.get("sgd_all_cores", result["sgd"])["step_time_median_s"]
+    sgd_base = result.get("sgd_all_cores", result["sgd"])["step_time_median_s"]
+    sam_base = result.get("sam_all_cores", result["sam"])["step_time_median_s"]
     result["verdict"] = plan.verdict
     result["predicted"] = {"sgd_step_s": predicted.sgd_step_s, "sam_step_s": predicted.sam_step_s,
                            "asam_step_s": predicted.asam_step_s}
     result["prediction_error"] = {"asam": predicted.asam_step_s / t_asam - 1,
-                                  "sgd": predicted.sgd_step_s / baseline - 1}
+                                  "sgd": predicted.sgd_step_s / sgd_base - 1,
+                                  "sam": predicted.sam_step_s / sam_base - 1}
     return result
 
 
@@ -174,11 +179,14 @@ def markdown(result: dict) -> str:
                 f"{r['step_time_median_s'] / sgd:.2f} | {guess} |")
 
     rows = []
-    if "sgd_all_cores" in result:
+    on_cpu = "sgd_all_cores" in result
+    if on_cpu:
         rows.append(row(f"SGD, all {result['sgd_all_cores']['threads']} cores", "sgd_all_cores",
                         predicted["sgd_step_s"]))
-    rows += [row(f"SGD, main cores {placement['main_cores']}", "sgd"),
-             row("synchronous SAM, main cores", "sam"),
+        rows.append(row(f"synchronous SAM, all {result['sam_all_cores']['threads']} cores", "sam_all_cores",
+                        predicted["sam_step_s"]))
+    rows += [row(f"SGD, main cores {placement['main_cores']}", "sgd", None if on_cpu else predicted["sgd_step_s"]),
+             row("synchronous SAM, main cores", "sam", None if on_cpu else predicted["sam_step_s"]),
              row(f"asynchronous SAM, worker {placement['perturbation']} on cores {placement['worker_cores']}, "
                  f"b_p={placement['perturbation_batch_size']}", "asam", predicted["asam_step_s"])]
     hidden = result["hidden_fraction"]
@@ -191,6 +199,7 @@ def markdown(result: dict) -> str:
         f"asynchronous SAM / SGD = {result['asam_over_sgd']:.3f}; SAM / SGD = {result['sam_over_sgd']:.2f}; "
         f"hidden fraction = {'-' if hidden is None else f'{hidden:.2f}'}; worker {1e3 * result['asam']['worker_compute_median_s']:.2f}"
         f" ms per job; the main process waited {1e3 * result['asam']['wait_median_s']:.2f} ms per step (median); "
-        f"predicted / measured asynchronous step - 1 = {result['prediction_error']['asam']:+.1%}. "
+        "predicted / measured - 1: " + ", ".join(f"{k} {v:+.1%}" for k, v in result["prediction_error"].items())
+        + ". "
         f"Plan's verdict: {result['verdict']}",
     ]) + "\n"

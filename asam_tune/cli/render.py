@@ -118,7 +118,7 @@ def training_table(results: list[dict]) -> Table:
         staleness = ", ".join(f"{k}:{v}" for k, v in (worker.get("staleness_histogram") or {}).items())
         table.add_row(r["method"], f"{100 * r['test_accuracy']:.1f}", f"{100 * r['train_accuracy']:.1f}",
                       f"{r['train_time_s']:.1f}", _ms(r["step_time_median_s"]),
-                      str(r.get("perturbation_batch_size") or ("-" if r["method"] == "sgd" else r["batch_size"])),
+                      str(r["perturbation_batch_size"] or "-"),
                       staleness or "-")
     return table
 
@@ -131,9 +131,12 @@ def bench_table(result: dict) -> Table:
         table.add_column(column, justify="left" if not column else "right")
     sgd = result["sgd"]["step_time_median_s"]
     predicted = result.get("predicted", {})
-    rows = [("SGD", "sgd", None), ("SAM", "sam", None), ("asynchronous SAM", "asam", "asam_step_s")]
-    if "sgd_all_cores" in result:
-        rows.insert(0, (f"SGD on all {result['sgd_all_cores']['threads']} cores", "sgd_all_cores", "sgd_step_s"))
+    on_cpu = "sgd_all_cores" in result
+    rows = [("SGD", "sgd", None if on_cpu else "sgd_step_s"), ("SAM", "sam", None if on_cpu else "sam_step_s"),
+            ("asynchronous SAM", "asam", "asam_step_s")]
+    if on_cpu:
+        rows[:0] = [(f"SGD on all {result['sgd_all_cores']['threads']} cores", "sgd_all_cores", "sgd_step_s"),
+                    (f"SAM on all {result['sam_all_cores']['threads']} cores", "sam_all_cores", "sam_step_s")]
     for label, key, predicted_key in rows:
         seconds = result[key]["step_time_median_s"]
         table.add_row(label, _ms(seconds), f"{seconds / sgd:.2f}",
