@@ -110,6 +110,6 @@ def train_mnist1d(config: TrainConfig, *, plan: Plan | None = None,
         "train_time_s": elapsed,
         "step_time_median_s": statistics.median(step_times),
         "steps": len(step_times),
-        "perturbation_batch_size": plan.perturbation_batch_size if plan is not None and sam else None,
+        "perturbation_batch_size": (sam.perturbation_batch_size or config.batch_size) if sam is not None else None,
         "worker": worker,
     }

@@ -3,6 +3,7 @@ that need them; ``plan`` and ``show`` stay torch-free."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -142,6 +143,29 @@ def _load_plan_for_run(path: str | None, allow_other_machine: bool):
     return plan
 
 
+@contextlib.contextmanager
+def _main_placement(plan):
+    """Run every method on the plan's main cores and threads (the worker gets the others), as the
+    speed benchmark does, so their times compare like for like; restored afterwards."""
+    if plan is None or not plan.main_device.startswith("cpu"):
+        yield
+        return
+    import torch
+
+    from asam_tune.bench.speed import main_placement, place
+    from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+
+    before = (allowed_cores(), torch.get_num_threads())
+    _, cores, threads = main_placement(plan)
+    place(cores, threads)
+    try:
+        yield
+    finally:
+        if before[0] is not None and can_pin():
+            pin_process(before[0])
+        torch.set_num_threads(before[1])
+
+
 def run_train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -161,8 +185,9 @@ def run_train(args: argparse.Namespace) -> int:
     if plan is not None and plan.batch_size != batch_size:
         raise UserInputError(f"--batch-size {batch_size} differs from the plan's batch size {plan.batch_size}")
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=_console, disable=not _console.is_terminal, transient=True) as bar:
+    with _main_placement(plan), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeElapsedColumn(), console=_console, disable=not _console.is_terminal,
+                                         transient=True) as bar:
         for method in args.optimizers:
             task = bar.add_task(f"training with {method}", total=None)
             config = TrainConfig(method=method, epochs=args.epochs, batch_size=batch_size, lr=args.lr,

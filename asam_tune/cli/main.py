@@ -82,7 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", default=None, help="plan JSON (default: in-process synchronous worker)")
     train.add_argument("--optimizers", type=types.csv, default=("sgd", "sam", "asam"),
                        help="which of sgd,sam,asam to train (default: all three)")
-    train.add_argument("--epochs", type=types.positive_int, default=3)
+    train.add_argument("--epochs", type=types.positive_int, default=60,
+                       help="epochs (default 60, the accuracy benchmark's)")
     train.add_argument("--batch-size", "-b", type=types.positive_int, default=None,
                        help="training batch size (default: the plan's, else 100)")
     train.add_argument("--lr", type=types.positive_float, default=0.05)
