@@ -77,17 +77,18 @@ def main(argv=None) -> int:
         _log("no CUDA device visible: rerun with --cpu-only for a dry run")
         return 2
     devices = ("cpu",) if args.cpu_only else ("cpu", "cuda:0")
-    main_device = "cpu/1t" if args.cpu_only else "cuda:0"
+    # The profiler names devices ("cpu", "cuda:0"); the plan names configurations ("cpu/1t").
+    profile_main, main_device = ("cpu", "cpu/1t") if args.cpu_only else ("cuda:0", "cuda:0")
     results, plans = [], {}
     for workload, batch_sizes in CASES:
         _log(f"profiling {workload} on {', '.join(devices)}")
         sweep = sorted({8, 16, 32, 64, *batch_sizes})
         profile = run_profile(workload, devices=devices, batch_sizes=sweep, quick=args.quick,
-                              main_device=main_device,
+                              main_device=profile_main,
                               progress=lambda update: _log(f"  {update.message}"))
         dump_record(profile, out / f"profile-{workload}.json")
         for batch_size in batch_sizes:
-            plan = api.plan_for(profile, batch_size, main_device=main_device)
+            plan = api.plan_for(profile, batch_size, main_device=main_device, asynchronous=True)
             name = f"{workload}-b{batch_size}"
             plans[name] = plan
             dump_record(plan, out / f"plan-{name}.json")
