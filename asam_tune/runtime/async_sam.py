@@ -294,7 +294,7 @@ class _CleanStateDictHook:
         for name, param in module.named_parameters(remove_duplicate=False):
             clean = clean_by_id.get(id(param))
             if clean is not None and prefix + name in state_dict:
-                state_dict[prefix + name] = clean.detach()
+                state_dict[prefix + name] = clean.detach().clone()  # the buffer is reused next step
 
     def __reduce__(self):
         return (_CleanStateDictHook, (None,))
@@ -409,6 +409,7 @@ class AsyncSAM:
         self._prefetched: tuple[int, int] | None = None  # ids of the batch handed over this step
         self._optimizer_stepped = False
         self._clean: list[torch.Tensor] | None = None  # w_t while perturbed
+        self._clean_buffers: list[torch.Tensor] | None = None  # storage behind _clean
         self._peeked: tuple[int, tuple[Any, Any] | None] | None = None
         self._closed = False
 
@@ -593,10 +594,13 @@ class AsyncSAM:
             yield
             return
         with torch.no_grad():
-            self._clean = [p.detach().clone() for p in self._params]
+            self._clean = self._keep_clean_weights()
             try:
-                for p, e in zip(self._params, perturbation):
-                    p.add_(e.to(device=p.device, dtype=p.dtype))
+                if all(e.device == p.device and e.dtype == p.dtype for p, e in zip(self._params, perturbation)):
+                    torch._foreach_add_(self._params, perturbation)  # one fused call, not one per tensor
+                else:
+                    for p, e in zip(self._params, perturbation):
+                        p.add_(e.to(device=p.device, dtype=p.dtype))
             except BaseException:
                 self._restore()
                 raise
@@ -735,10 +739,16 @@ class AsyncSAM:
         if self._optimizer_stepped:
             raise UserInputError(f"{what} after the optimizer step of an unfinished step: call finish_step() first")
 
+    def _keep_clean_weights(self) -> list[torch.Tensor]:
+        """A copy of w_t in buffers allocated once: no allocation on the training step's path."""
+        if self._clean_buffers is None:
+            self._clean_buffers = [torch.empty_like(p) for p in self._params]
+        torch._foreach_copy_(self._clean_buffers, [p.detach() for p in self._params])
+        return self._clean_buffers
+
     def _restore(self) -> None:
         with torch.no_grad():
-            for p, clean in zip(self._params, self._clean):
-                p.copy_(clean)
+            torch._foreach_copy_(self._params, self._clean)  # by copy: bit-identical
         self._clean = None
 
     def _record_choice(self, result: PerturbationResult | None) -> None:
