@@ -31,7 +31,8 @@ from collections.abc import Callable
 import torch
 
 from asam_tune.bench.provenance import provenance
-from asam_tune.bench.speed import place, time_sgd
+from asam_tune.bench.speed import time_sgd
+from asam_tune.runtime.placement import place
 from asam_tune.cli import args as types
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids

@@ -18,28 +18,12 @@ from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.records.plan import Plan
 from asam_tune.runtime import AsyncSAM
-from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+from asam_tune.runtime.placement import main_placement, place, preserved_placement
 from asam_tune.timing import summarize
 from asam_tune.workloads import Workload, load_workload
 
 DISTINCT_BATCHES = 8  # cycled: enough variety, no data-loading time inside the timer
 NOISE_THRESHOLD = 0.1  # IQR / median above which a run is flagged noisy (as the profiler does)
-
-
-def main_placement(plan: Plan) -> tuple[torch.device, tuple[int, ...], int]:
-    """The main device, the cores the main process runs on and its thread count."""
-    usable = usable_core_ids()
-    worker = set(plan.perturbation.cores or ()) if plan.worker_cores else set()
-    free = [c for c in usable if c not in worker] or list(usable)
-    cores = tuple(free[: plan.main_cores])
-    device = torch.device(plan.main_device.split("/")[0])
-    return device, cores, len(cores)
-
-
-def place(cores: tuple[int, ...], threads: int) -> None:
-    if can_pin():
-        pin_process(cores)
-    torch.set_num_threads(threads)
 
 
 def synthetic_batches(workload: Workload, batch_size: int, count: int, device: torch.device) -> list:
@@ -138,13 +122,8 @@ def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, wa
                                   "main_threads": main_threads, "perturbation": plan.perturbation.key,
                                   "worker_cores": list(plan.perturbation.cores or ()),
                                   "perturbation_batch_size": plan.perturbation_batch_size, "mode": plan.mode}}
-    before = (allowed_cores(), torch.get_num_threads())
-    try:
+    with preserved_placement():  # leave the caller's process as it was (gpu_check runs this in-process)
         _measure_all(result, workload, plan, batches, device, main_cores, main_threads, warmup, lr, rho, progress)
-    finally:  # leave the caller's process as it was (gpu_check and tune run this in-process)
-        if before[0] is not None and can_pin():
-            pin_process(before[0])
-        torch.set_num_threads(before[1])
 
     t_sgd, t_sam, t_asam = (result[k]["step_time_median_s"] for k in ("sgd", "sam", "asam"))
     result["asam_over_sgd"] = t_asam / t_sgd

@@ -143,27 +143,14 @@ def _load_plan_for_run(path: str | None, allow_other_machine: bool):
     return plan
 
 
-@contextlib.contextmanager
 def _main_placement(plan):
-    """Run every method on the plan's main cores and threads (the worker gets the others), as the
-    speed benchmark does, so their times compare like for like; restored afterwards."""
+    """Every method runs on the plan's main cores and threads (the worker gets the others), as
+    the speed benchmark does, so their times compare like for like."""
     if plan is None or not plan.main_device.startswith("cpu"):
-        yield
-        return
-    import torch
+        return contextlib.nullcontext()
+    from asam_tune.runtime.placement import main_process_placement
 
-    from asam_tune.bench.speed import main_placement, place
-    from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
-
-    before = (allowed_cores(), torch.get_num_threads())
-    _, cores, threads = main_placement(plan)
-    place(cores, threads)
-    try:
-        yield
-    finally:
-        if before[0] is not None and can_pin():
-            pin_process(before[0])
-        torch.set_num_threads(before[1])
+    return main_process_placement(plan)
 
 
 def run_train(args: argparse.Namespace) -> int:

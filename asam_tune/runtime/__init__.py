@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["AsyncSAM", "AsyncSAMStats"]
+__all__ = ["AsyncSAM", "AsyncSAMStats", "main_process_placement"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from asam_tune.runtime.stats import AsyncSAMStats
 
         return AsyncSAMStats
+    if name == "main_process_placement":
+        from asam_tune.runtime.placement import main_process_placement
+
+        return main_process_placement
     raise AttributeError(f"module 'asam_tune.runtime' has no attribute {name!r}")

@@ -14,7 +14,8 @@ import statistics
 
 import torch
 
-from asam_tune.bench.speed import place, synthetic_batches, time_sam, time_sgd
+from asam_tune.bench.speed import synthetic_batches, time_sam, time_sgd
+from asam_tune.runtime.placement import place
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.records.plan import Plan
 from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
