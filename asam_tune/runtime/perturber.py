@@ -37,6 +37,14 @@ class PerturbationResult:
     compute_time_s: float  # worker-side time of the job
 
 
+def job_deadline(submitted_at: float, timeout_s: float, timeout: float | None) -> float:
+    """When ``collect(timeout)`` gives up: the job's own limit, or sooner if the caller asks."""
+    deadline = submitted_at + timeout_s
+    if timeout is not None:
+        deadline = min(deadline, time.monotonic() + max(0.0, timeout))
+    return deadline
+
+
 class Perturber(Protocol):
     def submit(self, step: int, weights: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> None: ...
 

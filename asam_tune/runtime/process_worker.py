@@ -37,7 +37,7 @@ from torch import nn
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.runtime import affinity
 from asam_tune.runtime.perturbation import ascent_perturbation, trainable_parameters
-from asam_tune.runtime.perturber import PerturbationResult
+from asam_tune.runtime.perturber import PerturbationResult, job_deadline
 from asam_tune.runtime.replica import replica_on
 
 _POLL_S = 0.05  # every wait looks at the worker's liveness this often
@@ -573,9 +573,7 @@ class ProcessPerturber:
         if self._pending is None:
             raise RuntimeError("collect() without a submitted job")
         step = self._pending
-        deadline = self._submitted_at + self._timeout_s
-        if timeout is not None:
-            deadline = min(deadline, time.monotonic() + max(0.0, timeout))
+        deadline = job_deadline(self._submitted_at, self._timeout_s, timeout)
         def hung() -> str:
             return f"no result for step {step} after {time.monotonic() - self._submitted_at:.1f} s"
 

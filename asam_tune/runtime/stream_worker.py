@@ -27,7 +27,7 @@ from torch import nn
 
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.runtime.perturbation import ascent_perturbation, trainable_parameters
-from asam_tune.runtime.perturber import PerturbationResult
+from asam_tune.runtime.perturber import PerturbationResult, job_deadline
 from asam_tune.runtime.replica import replica_on
 
 _POLL_S = 0.05
@@ -220,9 +220,7 @@ class StreamPerturber:
         if self._pending is None:
             raise RuntimeError("collect() without a submitted job")
         step = self._pending
-        deadline = self._submitted_at + self._timeout_s
-        if timeout is not None:
-            deadline = min(deadline, time.monotonic() + max(0.0, timeout))
+        deadline = job_deadline(self._submitted_at, self._timeout_s, timeout)
         try:
             outcome = self._runner.wait(deadline)
         except RuntimeError as exc:
