@@ -43,6 +43,7 @@ from asam_tune.runtime.replica import replica_on
 _POLL_S = 0.05  # every wait looks at the worker's liveness this often
 _STOP_GRACE_S = 5.0  # an idle worker answers "stop" well within this
 _KILL_GRACE_S = 2.0
+_CPU_ONLY = {torch.device("cpu")}
 
 
 # ----------------------------------------------------------------------------- flat layout
@@ -56,6 +57,7 @@ class FlatLayout:
 
     def __init__(self, params: Sequence[torch.Tensor]):
         self.shapes = [tuple(p.shape) for p in params]
+        self.sizes = [torch.Size(s) for s in self.shapes]  # compares with w.shape without a tuple() each
         self.dtypes = [p.dtype for p in params]
         self.totals: dict[torch.dtype, int] = {}
         self.offsets: list[int] = []
@@ -455,12 +457,7 @@ class ProcessPerturber:
         return key in self._pinned
 
     def _write_weights(self, weights: Sequence[torch.Tensor]) -> None:
-        if len(weights) != len(self._layout):
-            raise UserInputError(f"Invalid weights: got {len(weights)} tensors, the model has "
-                                 f"{len(self._layout)} trainable parameters")
-        for i, (w, shape, dtype) in enumerate(zip(weights, self._layout.shapes, self._layout.dtypes)):
-            if tuple(w.shape) != shape or w.dtype != dtype:
-                raise UserInputError(f"Invalid weights[{i}]: {w.dtype} {tuple(w.shape)}, expected {dtype} {shape}")
+        self._check_weights(weights)
         devices = {w.device for w in weights}
         waits = []
         with torch.no_grad():
@@ -478,14 +475,26 @@ class ProcessPerturber:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))
                 waits.append(event)
-            elif devices == {torch.device("cpu")}:
-                for dtype, group in self._layout.groups(weights).items():
-                    torch.cat([w.reshape(-1) for w in group], out=self._weights[dtype])
+            elif devices == _CPU_ONLY:
+                # One fused copy into the views of the flat shared buffers (no per-tensor dispatch).
+                torch._foreach_copy_(self._weight_views, list(weights))
             else:  # a model spread over devices: slot by slot
                 for view, w in zip(self._weight_views, weights):
                     view.copy_(w)
         for event in waits:
             event.synchronize()  # the worker reads the buffer as soon as the job message lands
+
+    def _check_weights(self, weights: Sequence[torch.Tensor]) -> None:
+        # On every step's path: one list comparison when all is well (copy_ would broadcast a
+        # wrong shape silently), a per-tensor search only to name the culprit.
+        if len(weights) != len(self._layout):
+            raise UserInputError(f"Invalid weights: got {len(weights)} tensors, the model has "
+                                 f"{len(self._layout)} trainable parameters")
+        if [w.shape for w in weights] == self._layout.sizes and [w.dtype for w in weights] == self._layout.dtypes:
+            return
+        for i, (w, shape, dtype) in enumerate(zip(weights, self._layout.shapes, self._layout.dtypes)):
+            if tuple(w.shape) != shape or w.dtype != dtype:
+                raise UserInputError(f"Invalid weights[{i}]: {w.dtype} {tuple(w.shape)}, expected {dtype} {shape}")
 
     def _write_inputs(self, x: torch.Tensor, y: torch.Tensor) -> None:
         for name, t in (("x", x), ("y", y)):

@@ -289,6 +289,10 @@ def test_protocol_misuse_is_refused(worker, model):
         worker.submit(0, moved_weights(model, 0)[:1], *batch(4))
     with pytest.raises(UserInputError, match=r"weights\[0\]: torch.float32"):
         worker.submit(0, [w.float() for w in moved_weights(model, 0)], *batch(4))
+    # A shape that copy_ would broadcast into the flat buffer without a word.
+    broadcastable = [w[..., :1] if w.dim() else w for w in moved_weights(model, 0)]
+    with pytest.raises(UserInputError, match=r"weights\[0\]: torch.float64 \(8, 1\), expected torch.float64 \(8, 5\)"):
+        worker.submit(0, broadcastable, *batch(4))
     worker.submit(0, moved_weights(model, 0), *batch(4))
     with pytest.raises(RuntimeError, match="pending"):
         worker.submit(1, moved_weights(model, 1), *batch(4))
