@@ -2,19 +2,26 @@
 
 On a CPU machine, the main process on one core (one thread) and the CPU worker on another::
 
-    python -m asam_tune.bench.adapt --workload mnist1d-cnn --batch-size 100 --steps 400 --output out.json
+    python -m asam_tune.bench.adapt --workload resnet20 --batch-size 128 --steps 250 --sgd-steps 30 --output out.json
 
 measures, in one run: SGD's median step time on the main core; the ascent's time at a few
-``b_p`` on the same core, from which the ``b_p`` that hides (its time fits in one SGD step) is
-estimated; then two asynchronous-SAM runs with adaptation on (default settings):
+``b_p`` on the same core, from which the ``b_p`` that hides on an idle machine (its time fits
+in one SGD step: what a plan made on that machine says) is estimated; then two
+asynchronous-SAM runs with adaptation on (default settings), each beside a competing load
+pinned to the worker's core (``--load torch``: a one-thread matrix-multiply loop, like another
+job's compute; ``--load python``: a pure-Python spin):
 
-- ``wrong_plan``: starts from twice the ``b_p`` that hides (capped at B; ``--initial-bp``);
-- ``competing_load``: starts from the ``b_p`` that hides; at ``--load-at`` a busy loop pinned
-  to the worker's core starts and runs to the end.
+- ``wrong_plan``: the load runs from the start, so the idle machine's ``b_p`` (or
+  ``--initial-bp``) is about twice what the worker's half of its core can hide;
+- ``competing_load``: starts from the ``b_p`` that hides; at ``--load-at`` the load starts
+  and runs to the end.
 
 For each: per-step times and ``b_p``, the rolling median (window 20) of step time / SGD's
 median, the first step at which it is back to <= 1.10 (the issue's target: within 200 steps),
-the b_p trajectory and the final ratio. Stamped with machine, date, commit and the load average.
+the b_p trajectory and the final ratio. SGD is timed before, between and after the runs, the
+last time with the load running (the ratios use SGD measured under the same conditions as the
+steps they judge; the idle machine's ratios are kept beside them). Stamped with machine,
+date, commit and the load average.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import torch
 
 from asam_tune.bench.provenance import provenance
 from asam_tune.bench.speed import time_sgd
-from asam_tune.runtime.placement import place
+from asam_tune.runtime.placement import place, preserved_placement
 from asam_tune.cli import args as types
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
@@ -47,8 +54,23 @@ ROLLING_WINDOW = 20
 DISTINCT_BATCHES = 8  # cycled: no data loading inside the timer
 WARMUP = 10  # SGD steps dropped before timing
 
-# A process that spins on one core once it reads a line, and stops when its parent is gone.
-_BUSY_LOOP = """
+# A competing process on one core: idle until it reads a line, then busy until its parent is
+# gone. "torch" multiplies matrices on one thread (another job's compute); "python" spins in
+# the interpreter.
+_LOADS = {
+    "torch": """
+import os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+import torch
+torch.set_num_threads(1)
+a = torch.randn(256, 256)
+parent = int(sys.argv[2])
+sys.stdin.readline()
+while os.getppid() == parent:
+    for _ in range(20):
+        a = torch.tanh(a @ a)
+""",
+    "python": """
 import os, sys
 os.sched_setaffinity(0, {int(sys.argv[1])})
 parent = int(sys.argv[2])
@@ -56,14 +78,18 @@ sys.stdin.readline()
 while os.getppid() == parent:
     for _ in range(200_000):
         pass
-"""
+""",
+}
 
 
-class BusyLoop:
-    """A competing CPU load on one core: started idle, spins from ``start()`` until ``stop()``."""
+class CompetingLoad:
+    """A competing CPU load on one core: started idle, busy from ``start()`` until ``stop()``."""
 
-    def __init__(self, core: int):
-        self.process = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(core), str(os.getpid())],
+    def __init__(self, core: int, kind: str = "torch"):
+        if kind not in _LOADS:
+            raise UserInputError(f"Invalid load: {kind!r} (expected one of {sorted(_LOADS)})")
+        self.kind = kind
+        self.process = subprocess.Popen([sys.executable, "-c", _LOADS[kind], str(core), str(os.getpid())],
                                         stdin=subprocess.PIPE)
 
     def start(self) -> None:
@@ -165,15 +191,39 @@ def _summarise(run: dict, sgd_s: float, ratios: list[float | None], back: int | 
             "final_b_p": run["b_p"][-1]}
 
 
+def _with_load(load: CompetingLoad, run: Callable[[Callable[[int], None]], dict], load_at: int) -> dict:
+    """``run(on_step)`` with ``load`` started at step ``load_at`` (0: before the first step)."""
+    if load_at == 0:
+        load.start()
+
+    def on_step(step: int) -> None:
+        if step == load_at and load_at > 0:
+            load.start()
+
+    return run(on_step)
+
+
 def run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int = 400, initial_bp: int | None = None,
-                    load_at: int | None = None, main_core: int = 0, worker_core: int = 1, rho: float = 0.05,
-                    lr: float = 0.01, sgd_steps: int = 100,
+                    load_at: int | None = None, load: str = "torch", main_core: int = 0, worker_core: int = 1,
+                    rho: float = 0.05, lr: float = 0.01, sgd_steps: int = 100,
                     progress: Callable[[str], None] = lambda message: None) -> dict:
+    """The two scenarios (module docstring); the caller's affinity and threads are restored after."""
+    with preserved_placement():
+        return _run_adapt_bench(workload, batch_size, steps=steps, initial_bp=initial_bp, load_at=load_at,
+                                load=load, main_core=main_core, worker_core=worker_core, rho=rho, lr=lr,
+                                sgd_steps=sgd_steps, progress=progress)
+
+
+def _run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int, initial_bp: int | None,
+                     load_at: int | None, load: str, main_core: int, worker_core: int, rho: float, lr: float,
+                     sgd_steps: int, progress: Callable[[str], None]) -> dict:
     if steps < 2 * ROLLING_WINDOW:
         raise UserInputError(f"Invalid steps: {steps!r} (need at least {2 * ROLLING_WINDOW})")
     load_at = max(ROLLING_WINDOW, steps // 4) if load_at is None else load_at
     if not ROLLING_WINDOW <= load_at < steps:
         raise UserInputError(f"Invalid load_at: {load_at!r} (expected a step in [{ROLLING_WINDOW}, {steps}))")
+    if load not in _LOADS:
+        raise UserInputError(f"Invalid load: {load!r} (expected one of {sorted(_LOADS)})")
     usable = usable_core_ids()
     if not can_pin() or main_core == worker_core or not {main_core, worker_core} <= set(usable):
         raise UserInputError(f"main core {main_core} and worker core {worker_core} must be two distinct usable "
@@ -181,7 +231,7 @@ def run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int = 4
     if isinstance(workload, str):
         workload = load_workload(workload)
     result: dict = {**provenance(), "workload": workload.name, "batch_size": batch_size, "steps": steps,
-                    "rho": rho, "lr": lr, "main_core": main_core, "worker_core": worker_core,
+                    "rho": rho, "lr": lr, "main_core": main_core, "worker_core": worker_core, "load": load,
                     "target_ratio": TARGET_RATIO, "rolling_window": ROLLING_WINDOW,
                     "loadavg_start": os.getloadavg()}
     place((main_core,), 1)
@@ -190,51 +240,60 @@ def run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int = 4
     def sgd_times() -> list[float]:
         return time_sgd(workload, batches[:WARMUP + sgd_steps], torch.device("cpu"), WARMUP, lr)
 
-    progress(f"SGD on core {main_core}")
-    sgd_before = sgd_times()
-    sgd_s = statistics.median(sgd_before)  # the estimate's budget; the ratios use the pooled median
+    def adapting(initial: int) -> Callable[[Callable[[int], None]], dict]:
+        return lambda on_step: run_adapting(workload, batches[:steps], initial, worker_core, rho=rho, lr=lr,
+                                            on_step=on_step)
 
+    progress(f"SGD on core {main_core}")
+    sgd_idle = sgd_times()
     sizes = sorted({max(1, batch_size // 8), max(1, batch_size // 4), max(1, batch_size // 2), batch_size})
     medians = ascent_times(workload, batches[0], sizes, rho)
-    hides = hiding_batch_size(medians, sgd_s, batch_size)
+    hides = hiding_batch_size(medians, statistics.median(sgd_idle), batch_size)
     result["estimate"] = {"ascent_median_s": {str(b): t for b, t in medians.items()}, "hiding_bp": hides,
                           "how": f"ascent timed on core {main_core} alone, fitted a + k*b_p, largest b_p "
-                                 "within one SGD step"}
-    wrong = min(batch_size, 2 * hides) if initial_bp is None else initial_bp
+                                 "within one SGD step: the b_p a plan made on the idle machine would give"}
+    wrong = hides if initial_bp is None else initial_bp
     if not 1 <= wrong <= batch_size:
         raise UserInputError(f"Invalid initial_bp: {initial_bp!r} (expected 1 to {batch_size})")
-    result["estimate"]["wrong_by"] = wrong / hides  # below 2 when capped at B
 
-    progress(f"asynchronous SAM from a wrong b_p = {wrong} (about {hides} hides)")
-    wrong_plan = run_adapting(workload, batches[:steps], wrong, worker_core, rho=rho, lr=lr)
-    progress("SGD again")
-    sgd_after = sgd_times()
-    # Before and after pooled: on a shared machine the baseline drifts; both medians are kept.
-    sgd_s = statistics.median(sgd_before + sgd_after)
-    result["sgd"] = {"step_median_s": sgd_s, "before_median_s": statistics.median(sgd_before),
-                     "after_median_s": statistics.median(sgd_after), "steps_each": len(sgd_before)}
-    ratios = rolling_ratios(wrong_plan["step_times_s"], sgd_s)
-    result["wrong_plan"] = {**wrong_plan, **_summarise(wrong_plan, sgd_s, ratios, first_within(ratios))}
-
-    progress(f"asynchronous SAM from b_p = {hides}, a busy loop on core {worker_core} from step {load_at}")
-    load = BusyLoop(worker_core)
+    progress(f"asynchronous SAM from b_p = {wrong} with a {load} load on core {worker_core} from the start")
+    competing = CompetingLoad(worker_core, load)
     try:
-        def start_load(step: int) -> None:
-            if step == load_at:
-                load.start()
-
-        competing = run_adapting(workload, batches[:steps], hides, worker_core, rho=rho, lr=lr, on_step=start_load)
-        progress("SGD with the busy loop still running")
-        sgd_loaded_s = statistics.median(sgd_times())
+        wrong_plan = _with_load(competing, adapting(wrong), 0)
+        progress("SGD with the load still running")
+        sgd_loaded = sgd_times()
     finally:
-        load.stop()
-    ratios = rolling_ratios(competing["step_times_s"], sgd_s)
+        competing.stop()
+    progress("SGD on the idle machine again")
+    sgd_idle += sgd_times()
+    progress(f"asynchronous SAM from b_p = {hides}, a {load} load on core {worker_core} from step {load_at}")
+    competing = CompetingLoad(worker_core, load)
+    try:
+        mid_run = _with_load(competing, adapting(hides), load_at)
+        progress("SGD with the load still running")
+        sgd_loaded += sgd_times()
+    finally:
+        competing.stop()
+
+    # Pooled: on a shared machine the baseline drifts between its measurements.
+    idle_s, loaded_s = statistics.median(sgd_idle), statistics.median(sgd_loaded)
+    result["sgd"] = {"step_median_s": idle_s, "under_load_median_s": loaded_s,
+                     "load_slows_sgd_by": loaded_s / idle_s - 1, "steps_each": sgd_steps}
+
+    ratios = rolling_ratios(wrong_plan["step_times_s"], loaded_s)
+    result["wrong_plan"] = {**wrong_plan, **_summarise(wrong_plan, loaded_s, ratios, first_within(ratios)),
+                            "wrong_by": wrong / wrong_plan["b_p"][-1],
+                            "final_ratio_vs_idle_sgd": rolling_ratios(wrong_plan["step_times_s"], idle_s)[-1]}
+
+    ratios = rolling_ratios(mid_run["step_times_s"], idle_s)
+    # Before the load: judged against idle SGD; from the load on, against SGD under load.
+    ratios[load_at:] = rolling_ratios(mid_run["step_times_s"], loaded_s)[load_at:]
     degraded = first_above(ratios, load_at)  # None: the load never pushed it above the target
     back = first_within(ratios, degraded) if degraded is not None else None
-    result["competing_load"] = {**competing, **_summarise(competing, sgd_s, ratios, back), "load_at": load_at,
-                                "sgd_under_load_median_s": sgd_loaded_s,
+    result["competing_load"] = {**mid_run, **_summarise(mid_run, loaded_s, ratios, back), "load_at": load_at,
                                 "first_above_target_after_load_step": degraded,
-                                "steps_to_recover": None if back is None else back - load_at}
+                                "steps_to_recover": None if back is None else back - load_at,
+                                "final_ratio_vs_idle_sgd": rolling_ratios(mid_run["step_times_s"], idle_s)[-1]}
     result["loadavg_end"] = os.getloadavg()
     return result
 
@@ -246,18 +305,20 @@ def report(result: dict) -> str:
     w, c = result["wrong_plan"], result["competing_load"]
     lines = [
         f"{result['workload']}, B={result['batch_size']}, {result['steps']} steps; main core {result['main_core']}, "
-        f"worker core {result['worker_core']}; load average {result['loadavg_start'][0]:.2f} -> "
-        f"{result['loadavg_end'][0]:.2f}; {result['date']}; commit {result['commit']}",
-        f"SGD median step {result['sgd']['step_median_s'] * 1e3:.3f} ms (before "
-        f"{result['sgd']['before_median_s'] * 1e3:.3f}, after {result['sgd']['after_median_s'] * 1e3:.3f}); "
-        f"b_p that hides (estimated) {result['estimate']['hiding_bp']}",
-        f"wrong plan: b_p {w['initial_bp']} -> {w['final_b_p']}; rolling ASAM/SGD <= {TARGET_RATIO} from step "
-        f"{w['back_within_target_step']}; final {ratio(w['final_ratio'])}, last {w['tail_steps']} steps "
-        f"{ratio(w['tail_ratio'])}; trajectory {w['trajectory']}",
-        f"competing load from step {c['load_at']}: above target from step {c['first_above_target_after_load_step']}, "
+        f"worker core {result['worker_core']}, {result['load']} load; load average "
+        f"{result['loadavg_start'][0]:.2f} -> {result['loadavg_end'][0]:.2f}; {result['date']}; "
+        f"commit {result['commit']}",
+        f"SGD median step {result['sgd']['step_median_s'] * 1e3:.3f} ms idle, "
+        f"{result['sgd']['under_load_median_s'] * 1e3:.3f} ms under the load; b_p that hides on the idle "
+        f"machine (estimated) {result['estimate']['hiding_bp']}",
+        f"wrong plan (load from step 0): b_p {w['initial_bp']} -> {w['final_b_p']} ({w['wrong_by']:.2f}x too "
+        f"large); rolling ASAM/SGD <= {TARGET_RATIO} from step {w['back_within_target_step']}; final "
+        f"{ratio(w['final_ratio'])} (vs idle SGD {ratio(w['final_ratio_vs_idle_sgd'])}), last {w['tail_steps']} "
+        f"steps {ratio(w['tail_ratio'])}; trajectory {w['trajectory']}",
+        f"load from step {c['load_at']}: above target from step {c['first_above_target_after_load_step']}, "
         f"back at step {c['back_within_target_step']} ({c['steps_to_recover']} steps after the load began); "
-        f"final {ratio(c['final_ratio'])}, last {c['tail_steps']} steps {ratio(c['tail_ratio'])}; "
-        f"SGD under load {c['sgd_under_load_median_s'] * 1e3:.3f} ms; trajectory {c['trajectory']}",
+        f"final {ratio(c['final_ratio'])} (vs idle SGD {ratio(c['final_ratio_vs_idle_sgd'])}), last "
+        f"{c['tail_steps']} steps {ratio(c['tail_ratio'])}; trajectory {c['trajectory']}",
     ]
     return "\n".join(lines)
 
@@ -268,9 +329,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=types.positive_int, default=100)
     parser.add_argument("--steps", type=types.positive_int, default=400)
     parser.add_argument("--initial-bp", type=types.positive_int, default=None,
-                        help="the wrong b_p to start from (default: twice what hides, at most B)")
+                        help="the b_p the wrong plan starts from (default: what hides on the idle machine)")
     parser.add_argument("--load-at", type=types.positive_int, default=None,
                         help="step at which the competing load starts (default: steps / 4)")
+    parser.add_argument("--load", choices=sorted(_LOADS), default="torch",
+                        help="the competing load on the worker's core (default: torch)")
     parser.add_argument("--main-core", type=types.non_negative_int, default=0)
     parser.add_argument("--worker-core", type=types.non_negative_int, default=1)
     parser.add_argument("--sgd-steps", type=types.positive_int, default=100)
@@ -280,7 +343,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run_adapt_bench(args.workload, args.batch_size, steps=args.steps, initial_bp=args.initial_bp,
-                                 load_at=args.load_at, main_core=args.main_core, worker_core=args.worker_core,
+                                 load_at=args.load_at, load=args.load, main_core=args.main_core, worker_core=args.worker_core,
                                  rho=args.rho, lr=args.lr, sgd_steps=args.sgd_steps,
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except UserInputError as exc:

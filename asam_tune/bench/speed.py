@@ -76,7 +76,8 @@ def time_sam(workload: Workload, batches: list, device: torch.device, warmup: in
     return times[warmup:], {"wait_median_s": stats.wait_median_s,
                             "worker_compute_median_s": stats.worker_compute_median_s,
                             "staleness_histogram": {str(k): v for k, v in stats.staleness_histogram.items()},
-                            "fallbacks": stats.fallbacks, "skipped_perturbations": stats.skipped_perturbations}
+                            "fallbacks": stats.fallbacks, "skipped_perturbations": stats.skipped_perturbations,
+                            "b_p_trajectory": [list(entry) for entry in stats.perturbation_batch_size_trajectory]}
 
 
 def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, device: torch.device,
