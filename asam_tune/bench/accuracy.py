@@ -10,15 +10,14 @@ commit. Every run uses the same epochs, learning-rate schedule and label noise.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
-from asam_tune.bench.provenance import provenance
+from asam_tune.bench.provenance import emit_result, provenance
 from asam_tune.cli import args as types
 from asam_tune.errors import AsamTuneError
 from asam_tune.bench.training import METHODS, TrainConfig, train_mnist1d
-from asam_tune.records import Plan, write_atomic
+from asam_tune.records import Plan
 
 
 def run_accuracy_bench(*, plan: Plan | None, seeds=(0, 1, 2), methods=METHODS, epochs: int = 60,
@@ -85,10 +84,7 @@ def main(argv=None) -> int:
                                 epochs=args.epochs, label_noise=args.label_noise, rho=args.rho, lr=args.lr,
                                 batch_size=plan.batch_size if plan else 100,
                                 log=lambda line: print(line, file=sys.stderr, flush=True))
-    if args.output:
-        write_atomic(args.output, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    print(markdown(result))
-    return 0
+    return emit_result(result, args.output, markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ date, commit and the load average.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -37,13 +36,12 @@ from collections.abc import Callable
 
 import torch
 
-from asam_tune.bench.provenance import provenance
+from asam_tune.bench.provenance import emit_result, provenance
 from asam_tune.bench.speed import time_sgd
 from asam_tune.runtime.placement import place, preserved_placement
 from asam_tune.cli import args as types
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
-from asam_tune.records.base import write_atomic
 from asam_tune.runtime import AsyncSAM
 from asam_tune.runtime.affinity import can_pin
 from asam_tune.runtime.perturbation import ascent_perturbation
@@ -348,10 +346,7 @@ def main(argv=None) -> int:
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except UserInputError as exc:
         parser.error(str(exc))
-    if args.output:
-        write_atomic(args.output, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    print(report(result))
-    return 0
+    return emit_result(result, args.output, report(result))
 
 
 if __name__ == "__main__":

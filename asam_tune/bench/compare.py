@@ -22,19 +22,17 @@ median wait per step, the worker's median time per job, and the plan's predictio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable
 
 import torch
 
-from asam_tune.bench.provenance import provenance
+from asam_tune.bench.provenance import emit_result, provenance
 from asam_tune.bench.speed import synthetic_batches, time_sam, time_sgd
 from asam_tune.cli import args as types
 from asam_tune.errors import AsamTuneError, UserInputError
 from asam_tune.records import load_record
-from asam_tune.records.base import write_atomic
 from asam_tune.records.plan import Plan
 from asam_tune.runtime.placement import main_placement, place, preserved_placement
 from asam_tune.timing import summarize
@@ -168,10 +166,7 @@ def main(argv=None) -> int:
     except AsamTuneError as exc:
         print(f"asam-tune: error: {exc}", file=sys.stderr)
         return 2
-    if args.output:
-        write_atomic(args.output, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    print(markdown(result))
-    return 0
+    return emit_result(result, args.output, markdown(result))
 
 
 if __name__ == "__main__":

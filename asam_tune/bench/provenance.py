@@ -40,3 +40,16 @@ def provenance() -> dict:
             "python": platform.python_version(),
         },
     }
+
+
+def emit_result(result: dict, output: str | None, summary: str) -> int:
+    """What every benchmark script ends with: the full result as JSON at ``output`` (when
+    given, written atomically), the human summary on stdout; exit code 0."""
+    import json
+
+    from asam_tune.records.base import write_atomic
+
+    if output:
+        write_atomic(output, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(summary)
+    return 0

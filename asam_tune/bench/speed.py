@@ -9,7 +9,7 @@ would run. The result is a plain dict (JSON) stamped with machine, date and comm
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
