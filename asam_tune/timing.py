@@ -99,15 +99,27 @@ def measure(run: Callable[[], object], *, sync: Callable[[], object], clock: Clo
     for _ in range(settings.warmup):
         run()
     sync()
-    samples: list[float] = []
-    total = 0.0
-    while len(samples) < settings.max_repeats and (len(samples) < settings.min_repeats
-                                                  or total < settings.min_time_s):
+
+    def sample() -> float:
         sync()
         start = clock.now()
         run()
         sync()
-        elapsed = clock.now() - start
+        return clock.now() - start
+
+    return repeat_samples(sample, settings)
+
+
+def repeat_samples(sample: Callable[[], float], settings: MeasureSettings) -> TimingStats:
+    """Call ``sample`` (it returns the seconds it timed) until ``settings`` are met; no warm-up.
+
+    For operations that time only part of what they do (e.g. a wait between two timed parts).
+    """
+    samples: list[float] = []
+    total = 0.0
+    while len(samples) < settings.max_repeats and (len(samples) < settings.min_repeats
+                                                  or total < settings.min_time_s):
+        elapsed = sample()
         samples.append(elapsed)
         total += elapsed
     return summarize(samples, settings.noise_threshold)
@@ -122,4 +134,4 @@ def measure_with(run: Callable[[], object], *, sync: Callable[[], object], clock
 
 
 __all__ = ["Clock", "PerfClock", "FakeClock", "MeasureSettings", "measure", "measure_with",
-           "summarize", "MIN_SAMPLE_S"]
+           "repeat_samples", "summarize", "MIN_SAMPLE_S"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from asam_tune.records import (
-    BatchPoint, ContentionPoint, CpuInfo, DeviceConfig, DeviceProfile, Fingerprint, Profile,
+    BatchPoint, ContentionPoint, CpuInfo, DeviceConfig, DeviceProfile, Fingerprint, HandoverPoint, Profile,
     ProfileSettings, TimingStats, TransferPoint, WorkloadDescriptor,
 )
 
@@ -46,3 +46,9 @@ def small_profile() -> Profile:
         contention=(ContentionPoint(main="cpu/1t", busy="cpu/1t", batch_size=64,
                                     main_alone=stats(0.0074), main_while_busy=stats(0.008)),),
     )
+
+
+def with_handover(profile: Profile, seconds: float = 3e-4) -> Profile:
+    """``profile`` (schema version 2) with a handover from its first device to a 1-thread worker."""
+    point = HandoverPoint(main=profile.devices[0].config.key, perturbation="cpu/1t", per_step=stats(seconds))
+    return Profile.model_validate_json(profile.model_copy(update={"handovers": (point,)}).to_json())

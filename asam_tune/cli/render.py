@@ -53,6 +53,14 @@ def profile_tables(profile: Profile) -> list[Table]:
             contention.add_row(c.main, c.busy, str(c.batch_size), _ms(c.main_alone.median_s),
                                _ms(c.main_while_busy.median_s), f"{c.slowdown:.2f}x")
         tables.append(contention)
+    if profile.handovers:
+        handovers = Table(title="Handover to a CPU worker process (main process's cost per step)")
+        for column in ("main", "worker", "ms", "IQR ms"):
+            handovers.add_column(column)
+        for h in profile.handovers:
+            handovers.add_row(h.main, h.perturbation, f"{h.per_step.median_s * 1e3:.3f}",
+                              f"{h.per_step.iqr_s * 1e3:.3f}")
+        tables.append(handovers)
     return tables
 
 

@@ -1,5 +1,6 @@
 """Which (main device, perturbation device) pairs a machine offers, and what each pair costs
-besides compute: transfers and the main device's slowdown while the other one works (no torch).
+besides compute: transfers, the handover to a CPU worker process, and the main device's
+slowdown while the other one works (no torch).
 """
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ NO_TRANSFER = Transfer(0.0, 0.0, 0.0, "not_applicable")
 
 
 @dataclass(frozen=True)
+class Handover:
+    """The main process's fixed cost per step of using a CPU worker process, in seconds."""
+
+    seconds: float
+    spread_s: float
+    source: Source
+    # The (main, worker) keys of the measurement used: another pair's when this one's is missing.
+    measured_for: tuple[str, str] | None = None
+
+
+NO_HANDOVER = Handover(0.0, 0.0, "not_applicable")
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One way to split the work: the main step on ``main``, the ascent on ``perturbation``."""
 
@@ -76,6 +91,7 @@ class Candidate:
     transfer: Transfer
     slowdown: float  # main forward+backward time while the perturbation runs / alone
     contention: Source
+    handover: Handover = NO_HANDOVER  # only a CPU worker process has one
 
     @property
     def total_cores(self) -> int:
@@ -102,6 +118,22 @@ def find_transfer(profile: Profile, main: DeviceConfig, perturbation: DeviceConf
     point = sorted(matches, key=lambda t: not t.pinned)[0]
     return Transfer(point.to_target.median_s, point.to_source.median_s,
                     point.to_target.iqr_s + point.to_source.iqr_s, "measured", point.pinned)
+
+
+def find_handover(profile: Profile, main: DeviceConfig, perturbation: DeviceConfig) -> Handover:
+    """The measured handover to a CPU worker: this pair's; else the same main's with another CPU
+    worker; else another main's on the same device (another CPU split); else assumed 0."""
+    if not perturbation.is_cpu:
+        return NO_HANDOVER  # an accelerator's worker is a thread in the main process
+    to_cpu = [h for h in profile.handovers if device_of(h.perturbation) == "cpu"]
+    exact = [h for h in to_cpu if h.main == main.key and h.perturbation == perturbation.key]
+    same_main = [h for h in to_cpu if h.main == main.key]
+    same_device = [h for h in to_cpu if device_of(h.main) == main.device]
+    matches = exact or same_main or same_device
+    if not matches:
+        return Handover(0.0, 0.0, "assumed")
+    point = matches[0]
+    return Handover(point.per_step.median_s, point.per_step.iqr_s, "measured", (point.main, point.perturbation))
 
 
 def find_slowdown(profile: Profile, main: DeviceConfig, perturbation: DeviceConfig,
@@ -165,7 +197,8 @@ def _pair(profile: Profile, main: DeviceConfig, other: DeviceConfig, main_cores:
             return None
         worker_cores = 0
     slowdown, source = find_slowdown(profile, main, other, batch_size)
-    return Candidate(main, other, main_cores, worker_cores, find_transfer(profile, main, other), slowdown, source)
+    return Candidate(main, other, main_cores, worker_cores, find_transfer(profile, main, other), slowdown, source,
+                     find_handover(profile, main, other))
 
 
 def _note_once(notes: list[str], text: str) -> None:

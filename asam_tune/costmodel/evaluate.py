@@ -1,6 +1,6 @@
 """The step-time formulas: SGD and SAM baselines, and one candidate's b_p and predictions (no torch).
 
-    T_main(B)   = fwd_bwd_main(B) * slowdown + opt_main + transfers_main
+    T_main(B)   = fwd_bwd_main(B) * slowdown + opt_main + transfers_main + handover
     T_pert(b)   = fwd_bwd_pert(b) * slowdown_pert + transfer_to + transfer_back
     budget      = (1 - margin) * T_main(B)
     b_p         = the largest b <= B (and below the device's OOM) with T_pert(b) <= budget
@@ -11,6 +11,11 @@ transfers_main = transfer_to + transfer_back when the main device is an accelera
 worker the CPU: the main thread copies the weights to host memory before the job starts and
 the perturbation back after it ends, so both copies lie on the main step's path (and on the
 worker's, which cannot start before the first); 0 otherwise.
+
+handover is the main process's fixed cost per step of using a CPU worker process (submit,
+collect, keep/perturb/restore; the profile's HandoverPoint, see candidates.find_handover); 0
+for an accelerator's worker. Being on the main step's path it lengthens T_main, and with it
+the budget.
 
 slowdown_pert is the measured slowdown too when main and perturbation both compute on the CPU
 (they share its memory bandwidth and caches, so the busy worker slows as the main does), and
@@ -125,9 +130,11 @@ def evaluate(candidate: Candidate, models: dict[str, DeviceModel], batch_size: i
     copies_on_main = not candidate.main.is_cpu and candidate.perturbation.is_cpu
     main_transfer, main_transfer_spread = ((transfer, candidate.transfer.spread_s) if copies_on_main
                                            else (0.0, 0.0))
-    main_time = main.curve.time_s(batch_size) * candidate.slowdown + main.optimizer_s + main_transfer
+    handover = candidate.handover  # 0 s unless the worker is a CPU process
+    main_time = (main.curve.time_s(batch_size) * candidate.slowdown + main.optimizer_s + main_transfer
+                 + handover.seconds)
     main_uncertainty = (main.curve.uncertainty_s(batch_size) * candidate.slowdown + main.optimizer_spread_s
-                        + main_transfer_spread)
+                        + main_transfer_spread + handover.spread_s)
     budget = (1 - margin) * main_time
     # Two CPU processes slow each other alike; a GPU main leaves the CPU worker's speed alone.
     pert_slowdown = candidate.slowdown if candidate.main.is_cpu and candidate.perturbation.is_cpu else 1.0

@@ -106,6 +106,7 @@ def _notes_for(a: Analysis, e: Evaluation) -> list[str]:
         notes.append(f"transfer times are those measured with {pinned} host memory")
     elif c.transfer.source == "measured":
         notes.append(f"transfer times are those measured between {c.main.device} and {c.perturbation.device}")
+    notes.extend(_handover_notes(c))
     if main_model.curve.is_extrapolated(a.batch_size):
         notes.append(f"B={a.batch_size} is beyond the largest batch measured on {c.main.key} "
                      f"({main_model.curve.batch_sizes[-1]}): its time is extrapolated")
@@ -122,6 +123,23 @@ def _notes_for(a: Analysis, e: Evaluation) -> list[str]:
         notes.append(f"b_p is {e.perturbation_batch_size / a.batch_size:.0%} of B: the ascent direction comes "
                      f"from few samples")
     return notes
+
+
+def _handover_notes(c: Candidate) -> list[str]:
+    """What the main step carries for handing the ascent to a CPU worker process, and from where."""
+    h = c.handover
+    if h.source == "not_applicable":
+        return []
+    if h.source == "assumed":
+        return [f"the handover {c.main.key} -> {c.perturbation.key} (submit, collect, perturb and restore) was not "
+                f"measured (a version-1 profile?): assumed 0 s"]
+    pair = f"{c.main.key} -> {c.perturbation.key}"
+    measured_pair = " -> ".join(h.measured_for) if h.measured_for else pair
+    if measured_pair != pair:
+        return [f"the handover {pair} was not measured: the main step carries the {_ms(h.seconds)} measured for "
+                f"{measured_pair}"]
+    return [f"the main step carries the measured handover {pair} (submit, collect, perturb and restore): "
+            f"{_ms(h.seconds)}"]
 
 
 def _verdict(a: Analysis, e: Evaluation) -> str:

@@ -1,9 +1,9 @@
 """The profiler: times the model on every candidate device and writes a ``Profile``.
 
 ``run_profile`` (run.py) composes the parts: ``sweep`` (batch sizes on one device), the probe
-processes (one per CPU thread configuration), ``transfers`` and ``contention``. Importing
-this package imports no torch: a probe process must set its CPU affinity and thread count
-before torch loads.
+processes (one per CPU thread configuration), ``transfers``, ``handover`` and ``contention``.
+Importing this package imports no torch: a probe process must set its CPU affinity and thread
+count before torch loads.
 """
 from __future__ import annotations
 

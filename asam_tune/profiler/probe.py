@@ -13,7 +13,8 @@ is redirected to stderr so it cannot corrupt the protocol). Modes:
 
   sweep  {"event": "point", "point": BatchPoint} per batch size, then "done". With
          "serve": true the probe then stays up as the main device's server: it measures the
-         weight transfers and whole training steps when asked (see ``_serve``).
+         weight transfers, the handover to a CPU worker and whole training steps when asked
+         (see ``_serve``).
   busy   warms up, says "ready", then runs forward+backward non-stop until "stop", end of
          input, or ``max_busy_s``; then "done" with the number of iterations.
 
@@ -96,10 +97,12 @@ def _run_sweep(request: dict, channel: _Channel) -> None:
 
 
 def _serve(device, request: dict, channel: _Channel) -> None:
-    """The main device's server: transfers and whole training steps, on request.
+    """The main device's server: transfers, handovers and whole training steps, on request.
 
     Commands, one JSON object per line: {"cmd": "transfers", "numel": N, "dtype": "float32",
-    "targets": ["cpu", "cuda:1"]}; {"cmd": "prepare", "batch_size": B} (warms up, then
+    "targets": ["cpu", "cuda:1"]}; {"cmd": "handover", "threads": k, "cores": [...]} (a CPU
+    worker's per-step cost to this process: "handover" with "stats", or with "error" when the
+    worker failed, the probe staying up); {"cmd": "prepare", "batch_size": B} (warms up, then
     "ready"); {"cmd": "measure"} (times one training step at B); {"cmd": "quit"}.
     """
     from asam_tune.timing import PerfClock, measure_with
@@ -115,6 +118,8 @@ def _serve(device, request: dict, channel: _Channel) -> None:
         name = command.get("cmd")
         if name == "transfers":
             channel.send("transfers", results=_transfers(device.config.device, command, settings))
+        elif name == "handover":
+            channel.send("handover", **_handover(device.workload, command, settings))
         elif name == "prepare":
             device.release()
             device.prepare(int(command["batch_size"]))
@@ -147,6 +152,25 @@ def _transfers(source: str, command: dict, settings) -> dict:
         results[target] = {"to_target": to_target.model_dump(mode="json"),
                            "to_source": to_source.model_dump(mode="json"), "pinned": pinned}
     return results
+
+
+def _handover(workload, command: dict, settings) -> dict:
+    """{"stats": ...}, or {"error": ...}: a worker that cannot start must not end the server."""
+    from asam_tune.profiler.handover import measure_handover
+    from asam_tune.timing import PerfClock
+
+    cores = command.get("cores")
+    try:
+        stats = measure_handover(workload, int(command["threads"]), tuple(cores) if cores else None,
+                                 settings=settings, clock=PerfClock())
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which records nothing
+        return {"error": _first_line(exc)}
+    return {"stats": stats.model_dump(mode="json")}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _run_busy(request: dict, channel: _Channel) -> None:
@@ -199,10 +223,8 @@ def main() -> int:
         MODES[request["mode"]](request, channel)
         return 0
     except BaseException as exc:  # everything goes back to the parent, then a clean exit
-        lines = str(exc).strip().splitlines()
-        message = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         try:
-            channel.send("error", message=message, traceback=traceback.format_exc())
+            channel.send("error", message=_first_line(exc), traceback=traceback.format_exc())
         except Exception:
             pass
         return 1

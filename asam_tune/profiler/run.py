@@ -5,8 +5,9 @@ the contention step):
 
 1. the main device's sweep, in a probe that then stays up, idle, to time main steps later;
 2. the sweep of every other configuration, one probe process after another;
-3. weight/perturbation transfers, in this process;
-4. contention: the main probe's step alone and while each candidate is busy.
+3. weight/perturbation transfers, timed by the main probe;
+4. handovers: the main probe hands jobs to a real CPU worker on each CPU candidate's cores;
+5. contention: the main probe's step alone and while each candidate is busy.
 
 The main device is the first CUDA device when one is asked for; on a CPU-only machine the
 main process and the CPU worker split the usable cores, so the main device is the CPU on the
@@ -27,8 +28,8 @@ from asam_tune.fingerprint import collect_fingerprint, usable_core_ids
 from asam_tune.profiler.contention import BusyCandidate, measure_contention, representative_batch
 from asam_tune.profiler.probe_process import ProbeFailed, ProbeProcess
 from asam_tune.profiler.sweep import QUICK_BATCH_SIZES, check_batch_sizes, geometric_batch_sizes
-from asam_tune.records.profile import (BatchPoint, DeviceConfig, DeviceProfile, Profile, ProfileSettings,
-                                      TimingStats, TransferPoint)
+from asam_tune.records.profile import (BatchPoint, DeviceConfig, DeviceProfile, HandoverPoint, Profile,
+                                      ProfileSettings, TimingStats, TransferPoint)
 from asam_tune.timing import MeasureSettings
 
 DEFAULT_SETTINGS = MeasureSettings(warmup=2, min_time_s=0.5, min_repeats=5, max_repeats=50, noise_threshold=0.1)
@@ -133,6 +134,11 @@ class _Layout:
         """Every configuration the perturbation could run on (the transfer targets)."""
         cpu = [c for c in self.configs if c.is_cpu]
         return tuple(cpu + [c for c in self.configs if not c.is_cpu and c != self.main])
+
+    @property
+    def cpu_workers(self) -> tuple[DeviceConfig, ...]:
+        """The CPU candidates beside the main device, as placed: where a worker process would run."""
+        return tuple(c for c in self.busy if c.is_cpu)
 
 
 def plan_layout(devices: Sequence[str], cores: Sequence[int], cpu_threads: Sequence[int] | None,
@@ -257,7 +263,8 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
                      "min_repeats": settings.min_repeats, "max_repeats": settings.max_repeats,
                      "noise_threshold": settings.noise_threshold},
     }
-    tracker = _Progress(progress, total=len(layout.configs) * len(sizes) + 1 + len(layout.busy))
+    tracker = _Progress(progress, total=len(layout.configs) * len(sizes) + 1 + len(layout.cpu_workers)
+                        + len(layout.busy))
 
     profiles: dict[str, DeviceProfile] = {}
     main_probe: ProbeProcess | None = None
@@ -270,6 +277,7 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
 
         tracker.say("transfers: weights to each candidate device and back")
         transfers = _transfers(layout, main_probe, weights, probe_timeout_s, tracker)
+        handovers = _handovers(layout, main_probe, probe_timeout_s, tracker)
 
         limit = QUICK_CONTENTION_MAX_BATCH if quick else CONTENTION_MAX_BATCH
         contention = _contention(layout, profiles, main_probe, request, probe_timeout_s, tracker, limit)
@@ -288,6 +296,7 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
         devices=tuple(profiles[c.key] for c in layout.configs),
         transfers=tuple(transfers),
         contention=tuple(contention),
+        handovers=tuple(handovers),
     )
 
 
@@ -321,6 +330,32 @@ def _transfers(layout: _Layout, main_probe: ProbeProcess | None, weights: _Weigh
                           pinned=results[c.device]["pinned"], to_target=_stats(results[c.device]["to_target"]),
                           to_source=_stats(results[c.device]["to_source"]))
             for c in layout.candidates]
+
+
+def _handovers(layout: _Layout, main_probe: ProbeProcess | None, timeout_s: float,
+               tracker: _Progress) -> list[HandoverPoint]:
+    """The main probe times its per-step handover to a real worker on each CPU candidate."""
+    workers = layout.cpu_workers
+    if main_probe is None:
+        tracker.step("handovers not measured: the main device's probe is not running", advance=len(workers))
+        return []
+    points = []
+    for index, config in enumerate(workers):
+        tracker.say(f"handover: {layout.main.key} to a worker process on {config.key}")
+        command = {"cmd": "handover", "threads": config.threads, "cores": list(config.cores or ())}
+        try:
+            main_probe.send(json.dumps(command))
+            answer = main_probe.wait_for("handover", timeout_s)
+        except ProbeFailed as exc:  # the main probe itself: nothing more can be measured
+            tracker.step(f"handovers not measured: {exc}", advance=len(workers) - index)
+            break
+        if "error" in answer:  # e.g. the worker could not start: the profile goes on without it
+            tracker.step(f"handover to {config.key} not measured: {answer['error']}")
+            continue
+        points.append(HandoverPoint(main=layout.main.key, perturbation=config.key,
+                                    per_step=_stats(answer["stats"])))
+        tracker.step(f"handover to {config.key} measured")
+    return points
 
 
 def _contention(layout: _Layout, profiles: dict[str, DeviceProfile], main_probe: ProbeProcess | None,

@@ -6,6 +6,7 @@ from asam_tune.records.profile import (
     ContentionPoint,
     DeviceConfig,
     DeviceProfile,
+    HandoverPoint,
     Profile,
     ProfileSettings,
     TimingStats,
@@ -17,7 +18,7 @@ from asam_tune.records.plan import Alternative, PerturbationDevice, Plan, Predic
 __all__ = [
     "Record", "check_writable", "dump_record", "load_record", "parse_record", "write_atomic",
     "CpuInfo", "Fingerprint", "GpuInfo", "fingerprint_differences",
-    "BatchPoint", "ContentionPoint", "DeviceConfig", "DeviceProfile", "Profile",
+    "BatchPoint", "ContentionPoint", "DeviceConfig", "DeviceProfile", "HandoverPoint", "Profile",
     "ProfileSettings", "TimingStats", "TransferPoint", "WorkloadDescriptor",
     "Alternative", "PerturbationDevice", "Plan", "Predictions",
 ]

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -42,14 +42,26 @@ def _json_path(loc: tuple) -> str:
     return path
 
 
+def _readable_versions(cls: type[Record]) -> tuple:
+    """The schema versions ``cls`` reads: its ``schema_version`` Literal (older ones included)."""
+    field = cls.model_fields.get("schema_version")
+    if field is None:
+        return ()
+    return get_args(field.annotation) or (field.default,)
+
+
 def parse_record(cls: type[R], document: Any, source: str = "<document>") -> R:
     """Validate an already-decoded JSON document; raise ``RecordError`` on the first problem."""
     if not isinstance(document, dict):
         raise RecordError(source, "$", "a JSON object", type(document).__name__)
+    # The kind first: a profile handed in as a plan is the wrong document, whatever its version.
+    kind = cls.model_fields.get("kind")
+    if kind is not None and "kind" in document and document["kind"] != kind.default:
+        raise RecordError(source, "$.kind", f"{kind.default!r}", document["kind"])
     declared = document.get("schema_version")
-    expected_version = cls.model_fields["schema_version"].default if "schema_version" in cls.model_fields else None
-    if expected_version is not None and declared != expected_version:
-        raise RecordError(source, "$.schema_version", f"{expected_version!r}", declared)
+    readable = _readable_versions(cls)
+    if readable and declared not in readable:
+        raise RecordError(source, "$.schema_version", " or ".join(repr(v) for v in readable), declared)
     try:
         # Validate in JSON mode: strict about types, yet JSON arrays are accepted as tuples.
         text = json.dumps(document, allow_nan=False)

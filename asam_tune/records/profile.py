@@ -1,6 +1,6 @@
 """The profile: what the profiler measured, the record the cost model reads (no torch import).
 
-Layout (schema_version 1)::
+Layout (schema_version 2)::
 
     Profile
       fingerprint          the machine (records.fingerprint)
@@ -10,6 +10,10 @@ Layout (schema_version 1)::
         points[]           one per batch size: ok with timings, or oom, or error
       transfers[]          weights main -> perturbation device, perturbation back
       contention[]         main step alone vs while the perturbation device is busy
+      handovers[]          the main process's fixed cost per step of using a CPU worker process
+
+Version 1 files (no handovers) load as they are: schema_version stays 1, so their content
+hash, which plans record, does not change.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_
 from asam_tune.records.base import Record
 from asam_tune.records.fingerprint import Fingerprint
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
 
 
 class TimingStats(Record):
@@ -105,6 +109,16 @@ class ContentionPoint(Record):
         return self.main_while_busy.median_s / self.main_alone.median_s
 
 
+class HandoverPoint(Record):
+    """What one step of a CPU worker process costs the main process, besides the weight copies
+    counted as transfers: submit (weights and a few input rows into shared memory, the job
+    message), collect of a result already there (pipe, copy out), keep-clean/perturb/restore."""
+
+    main: str  # DeviceConfig.key of the main device
+    perturbation: str  # DeviceConfig.key of the CPU worker configuration
+    per_step: TimingStats
+
+
 class WorkloadDescriptor(Record):
     name: str  # built-in name, or the 'package.module:factory' string it came from
     input_shape: tuple[PositiveInt, ...]
@@ -123,7 +137,8 @@ class ProfileSettings(Record):
 
 
 class Profile(Record):
-    schema_version: Literal[1] = PROFILE_SCHEMA_VERSION
+    # 1: before handovers were measured; still read, never written.
+    schema_version: Literal[1, 2] = PROFILE_SCHEMA_VERSION
     kind: Literal["asam-tune-profile"] = "asam-tune-profile"
     created_at: str
     asam_tune_version: str
@@ -133,6 +148,13 @@ class Profile(Record):
     devices: tuple[DeviceProfile, ...]
     transfers: tuple[TransferPoint, ...] = ()
     contention: tuple[ContentionPoint, ...] = ()
+    handovers: tuple[HandoverPoint, ...] = ()
+
+    @model_validator(mode="after")
+    def _handovers_need_version_2(self) -> "Profile":
+        if self.schema_version == 1 and self.handovers:
+            raise ValueError("a version-1 profile has no handovers; handovers need schema_version 2")
+        return self
 
     def device(self, key: str) -> DeviceProfile:
         for entry in self.devices:

@@ -17,7 +17,7 @@ from asam_tune.errors import UserInputError, WorkloadError
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.profiler import run_profile
 from asam_tune.profiler.probe_process import ProbeProcess, probe_environment
-from asam_tune.profiler.run import _Progress, _sweep_in_probe
+from asam_tune.profiler.run import _handovers, _Layout, _Progress, _sweep_in_probe
 from asam_tune.profiler.sweep import sweep
 from asam_tune.records import Profile, dump_record, load_record
 from asam_tune.records.profile import DeviceConfig
@@ -210,6 +210,33 @@ def test_contention_with_a_crashing_busy_probe_is_reported_and_left_out():
     assert len(reports) == 1 and "exited with code 70" in reports[0]
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.timeout(120)
+def test_the_main_probe_times_handovers_and_survives_a_worker_that_cannot_start():
+    cores = usable_core_ids()
+    main = DeviceConfig(device="cpu", threads=1, cores=cores[:1])
+    worker = DeviceConfig(device="cpu", threads=1, cores=cores[-1:])
+    # A core this machine does not have: the perturber refuses to start its worker.
+    impossible = DeviceConfig(device="cpu", threads=1, cores=(os.cpu_count() + 7,))
+    request = {**TINY_REQUEST, "workload": {"spec": "mnist1d-cnn"}, "batch_sizes": [2], "serve": True}
+    messages = []
+    tracker = _Progress(messages.append, 2)
+    with ProbeProcess("sweep", main, request) as probe:
+        probe.wait_for("point", 60)
+        probe.wait_for("done", 60)
+        points = _handovers(_Layout(main, (main,), (impossible, worker)), probe, 60, tracker)
+        # The probe is still serving after the failed start.
+        probe.send('{"cmd": "quit"}')
+    [point] = points
+    assert (point.main, point.perturbation) == ("cpu/1t", "cpu/1t")
+    # TINY: at least 2 samples after the warm-up, each submit + collect + foreach calls.
+    assert len(point.per_step.samples_s) >= 2 and point.per_step.median_s > 0
+    assert any(f"handover to {impossible.key} not measured" in str(m) and "Invalid cores" in str(m)
+               for m in messages)
+    assert tracker.done == tracker.total
+
+
 # --- end to end ----------------------------------------------------------------------------------------
 
 
@@ -234,6 +261,9 @@ def test_a_quick_cpu_profile_end_to_end(tmp_path):
     if len(cores) >= 2:
         [contention] = profile.contention
         assert contention.main == keys[0] and contention.batch_size == 8
+    # One handover per CPU worker placement beside the main device, all from the main device.
+    assert profile.schema_version == 2 and profile.handovers
+    assert all(h.main == keys[0] and h.perturbation.startswith("cpu/") for h in profile.handovers)
     assert updates[-1].done == updates[-1].total
     # Validates and round-trips through the file format.
     path = tmp_path / "profile.json"
@@ -316,6 +346,8 @@ def test_a_quick_gpu_profile_measures_the_gpu_first_with_pinned_transfers_and_co
     assert (transfer.source, transfer.target, transfer.pinned) == ("cuda:0", "cpu/1t", True)
     [contention] = profile.contention
     assert (contention.main, contention.busy, contention.batch_size) == ("cuda:0", "cpu/1t", 32)
+    [handover] = profile.handovers  # timed with CPU weights by the GPU's probe
+    assert (handover.main, handover.perturbation) == ("cuda:0", "cpu/1t")
 
 
 @pytest.mark.gpu

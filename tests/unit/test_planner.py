@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from asam_tune.costmodel import cpus_needed, make_plan
 from asam_tune.costmodel.planner import EQUIVALENT_STEP_TIME
 from asam_tune.errors import UserInputError
-from tests.fixtures.costmodel_profiles import affine, contention, cpu_only_profile, gpu_with_cpu, profile, transfer
+from tests.fixtures.costmodel_profiles import (affine, contention, cpu_only_profile, gpu_with_cpu, handover, profile,
+                                               transfer)
 
 
 def test_gpu_main_with_cpu_worker_by_hand():
@@ -36,6 +37,8 @@ def test_gpu_main_with_cpu_worker_by_hand():
     assert p.speedup_over_sam == pytest.approx(0.041 / 0.021)
     assert (p.contention, p.transfer) == ("assumed", "assumed")
     assert any("not measured: assumed none (1.0)" in n for n in plan.notes)
+    # A profile without handovers (version 1) adds none to the main step, and says so.
+    assert any("handover cuda:0 -> cpu/4t" in n and "assumed 0 s" in n for n in plan.notes)
     alternatives = [(a.perturbation.key, a.perturbation_batch_size) for a in plan.alternatives]
     assert alternatives == [("cpu/2t", 8), ("cpu/1t", 4)]
 
@@ -60,6 +63,45 @@ def test_transfers_to_a_cpu_worker_lengthen_the_main_step_and_the_worker():
     assert p.transfer == "measured"
     assert [(a.perturbation.key, a.perturbation_batch_size) for a in plan.alternatives] == [("cpu/2t", 8), ("cpu/1t", 4)]
     assert "transfer times are those measured with pinned host memory" in plan.notes
+
+
+def test_the_handover_to_a_cpu_worker_lengthens_the_main_step_and_the_budget():
+    measured = profile(*gpu_with_cpu().devices, handovers=[handover("cuda:0", "cpu/4t", 0.002, iqr=0.0005)])
+    plan = make_plan(measured, 100)
+    # T_main = 0.021 + 0.002 = 0.023, budget 0.95 * 0.023 = 0.02185. The worker's time is its
+    # own: 0.002 + 0.001 b <= 0.02185 -> b <= 19.85 -> 19 (not 17 as without the handover).
+    assert (plan.perturbation.key, plan.perturbation_batch_size) == ("cpu/4t", 19)
+    p = plan.predictions
+    assert p.main_time_s == pytest.approx(0.023) and p.asam_step_s == pytest.approx(0.023)
+    assert p.perturbation_time_s == pytest.approx(0.021)
+    assert p.hidden_fraction == pytest.approx((0.041 - 0.023) / (0.041 - 0.021))
+    assert p.main_time_uncertainty_s == pytest.approx(0.0005)  # the handover's IQR; all else exact
+    assert "the main step carries the measured handover cuda:0 -> cpu/4t (submit, collect, perturb and " \
+           "restore): 2 ms" in plan.notes
+    # cpu/2t's handover was not measured: it takes the same main's (cpu/4t's), 0.002 + 0.002 b
+    # <= 0.02185 -> 9 (cpu/1t: 0.002 + 0.004 b -> 4).
+    alternatives = [(a.perturbation.key, a.perturbation_batch_size, a.predictions.main_time_s)
+                    for a in plan.alternatives]
+    assert alternatives == [("cpu/2t", 9, pytest.approx(0.023)), ("cpu/1t", 4, pytest.approx(0.023))]
+
+
+def test_a_handover_measured_for_another_worker_stands_in_and_the_plan_says_so():
+    measured = profile(*gpu_with_cpu().devices, handovers=[handover("cuda:0", "cpu/2t", 0.002)])
+    plan = make_plan(measured, 100)
+    assert (plan.perturbation.key, plan.perturbation_batch_size) == ("cpu/4t", 19)
+    assert plan.predictions.main_time_s == pytest.approx(0.023)
+    assert ("the handover cuda:0 -> cpu/4t was not measured: the main step carries the 2 ms measured for "
+            "cuda:0 -> cpu/2t") in plan.notes
+
+
+def test_another_gpu_as_worker_has_no_handover():
+    devices = [affine("cuda:0", 0.01, 0.0001), affine("cuda:1", 0.002, 0.0001)]
+    measured = profile(*devices, handovers=[handover("cuda:0", "cpu/1t", 0.002)])
+    plan = make_plan(measured, 100, main_device="cuda:0")
+    # Its worker is a thread of the main process: T_main stays 0.021.
+    assert plan.perturbation.key == "cuda:1"
+    assert plan.predictions.main_time_s == pytest.approx(0.021)
+    assert not any("handover" in n for n in plan.notes)
 
 
 def test_exact_transfer_keys_win_over_same_device_ones():
@@ -211,6 +253,23 @@ def test_cpu_only_split_by_hand():
     assert p.asam_step_s == pytest.approx(0.1684)
     assert p.hidden_fraction == pytest.approx((0.2334 - 0.1684) / (0.2334 - 0.1172))
     assert plan.mode == "staleness1"
+
+
+def test_cpu_only_handover_by_hand_and_for_an_unmeasured_split():
+    measured = cpu_only(handovers=[handover("cpu/4t", "cpu/4t", 0.005)])
+    plan = make_plan(measured, 64)
+    # Main 4t: T_main = 0.1684 + 0.005 = 0.1734, budget 0.16473; worker 4t: 0.001 + 0.0026 b
+    # <= 0.16473 -> b <= 62.97 -> 62 (61 without the handover).
+    assert (plan.main_device, plan.perturbation.key, plan.perturbation_batch_size) == ("cpu/4t", "cpu/4t", 62)
+    assert plan.predictions.main_time_s == pytest.approx(0.1734)
+    # The profiler measures the handover only for its own split; another main on the CPU takes
+    # it rather than nothing: main 2t: T_main = 0.290 + 0.005 = 0.295, budget 0.28025; worker
+    # 4t: 0.001 + 0.0026 b <= 0.28025 -> 107, capped at B = 64.
+    other = make_plan(measured, 64, main_device="cpu/2t", asynchronous=True)
+    assert (other.perturbation.key, other.perturbation_batch_size) == ("cpu/4t", 64)
+    assert other.predictions.main_time_s == pytest.approx(0.295)
+    assert ("the handover cpu/2t -> cpu/4t was not measured: the main step carries the 5 ms measured for "
+            "cpu/4t -> cpu/4t") in other.notes
 
 
 def test_cpu_only_contention_slows_the_worker_as_much_as_the_main_process():

@@ -6,13 +6,16 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from asam_tune.errors import RecordError
 from asam_tune.records import Profile, dump_record, load_record, parse_record
-from tests.record_factories import small_profile
+from tests.record_factories import small_profile, with_handover
+
+SHIPPED_PROFILES = sorted((Path(__file__).resolve().parents[2] / "profiles").glob("*.json"))
 
 
 def document() -> dict:
@@ -44,7 +47,7 @@ def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
          "$.devices[0].points[0].forward_backward.median_s", "greater than 0"),
         (lambda d: d["devices"][0]["points"][0]["forward_backward"].update(median_s=-1.0),
          "$.devices[0].points[0].forward_backward.median_s", "greater than 0"),
-        (lambda d: d.update(schema_version=99), "$.schema_version", "1"),
+        (lambda d: d.update(schema_version=99), "$.schema_version", "1 or 2"),
         (lambda d: d["devices"][0]["config"].update(device="tpu"), "$.devices[0].config.device", "pattern"),
         (lambda d: d.pop("workload"), "$.workload", "field required"),
     ],
@@ -85,6 +88,50 @@ def test_corrupt_files_give_one_line_errors(tmp_path, content, expected):
 def test_missing_file_is_a_record_error(tmp_path):
     with pytest.raises(RecordError, match="no such file"):
         load_record(Profile, tmp_path / "absent.json")
+
+
+def test_handovers_round_trip_in_a_version_2_profile(tmp_path):
+    profile = with_handover(small_profile())
+    assert profile.schema_version == 2
+    path = tmp_path / "p.json"
+    dump_record(profile, path)
+    loaded = load_record(Profile, path)
+    assert loaded == profile
+    [point] = loaded.handovers
+    assert (point.main, point.perturbation, point.per_step.median_s) == ("cpu/1t", "cpu/1t", 3e-4)
+
+
+def test_a_version_1_document_loads_as_it_is(tmp_path):
+    doc = document()
+    doc["schema_version"] = 1
+    del doc["handovers"]
+    profile = parse_record(Profile, doc)
+    assert (profile.schema_version, profile.handovers) == (1, ())
+    # Written back it stays version 1, so its content hash (recorded in plans) is unchanged.
+    path = tmp_path / "p.json"
+    dump_record(profile, path)
+    assert load_record(Profile, path).content_hash() == profile.content_hash()
+
+
+def test_a_version_1_document_cannot_carry_handovers():
+    doc = json.loads(with_handover(small_profile()).to_json())
+    doc["schema_version"] = 1
+    with pytest.raises(RecordError, match="handovers need schema_version 2"):
+        parse_record(Profile, doc)
+
+
+@pytest.mark.parametrize("path", SHIPPED_PROFILES, ids=lambda p: p.name)
+def test_the_shipped_version_1_profiles_keep_loading(path):
+    profile = load_record(Profile, path)
+    assert profile.schema_version in (1, 2)
+    assert profile.schema_version == 2 or profile.handovers == ()
+
+
+def test_another_kind_of_record_is_named_before_its_version():
+    doc = document()
+    doc.update(kind="asam-tune-plan", schema_version=1)
+    with pytest.raises(RecordError, match=r"\$\.kind"):
+        parse_record(Profile, doc)
 
 
 def test_point_status_must_match_its_timings():

@@ -1,0 +1,91 @@
+"""What one step with a CPU worker process costs the main process: the handover.
+
+Besides the weight copies (measured as transfers), every step the main process pays a fixed
+price to use a ``ProcessPerturber``: ``submit`` (weights and the input rows into shared memory,
+the job message down the pipe), ``collect`` of a result that is already there (the pipe, the
+copy out of shared memory), and AsyncSAM's keep-clean-weights copy, the fused add of the
+perturbation and the restore copy. For a small model it is a sizeable part of a step.
+
+Timed by the main device's probe (the main process's cores and threads) against a real worker
+started on the candidate's threads and cores. One sample is submit, then collect and the three
+foreach calls; the worker's compute in between is waited for outside the timer, since the main
+step overlaps it.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+import torch
+
+from asam_tune.records.profile import TimingStats
+from asam_tune.runtime.perturbation import trainable_parameters
+from asam_tune.runtime.process_worker import ProcessPerturber
+from asam_tune.timing import Clock, MeasureSettings, repeat_samples
+from asam_tune.workloads import Workload
+
+# Rows of input handed over per job. Copying the rows grows with b_p and belongs to the
+# per-sample curve measured elsewhere, so few rows isolate the fixed cost; two, not one, so
+# that a BatchNorm over (N, C) inputs can still train on them in the worker.
+HANDOVER_ROWS = 2
+RHO = 0.05
+# A job on a couple of rows takes milliseconds; a worker silent this long is hung.
+JOB_TIMEOUT_S = 60.0
+# How often the (untimed) wait for the worker looks at the pipe; sleeping, not spinning, so
+# that a worker sharing the main core (one-core machines) is not starved.
+_READY_POLL_S = 1e-4
+
+
+def measure_handover(workload: Workload, threads: int, cores: Sequence[int] | None, *,
+                     settings: MeasureSettings, clock: Clock) -> TimingStats:
+    """Start a worker on ``threads``/``cores``, time handovers to it, stop it.
+
+    The weights are CPU tensors even when the main device is a GPU: there, copying them to
+    and from the GPU is already counted as transfers, and what is left is this CPU-side work.
+    """
+    model = workload.build()  # a fresh CPU model: the probe's own copy may live on a GPU
+    model.train()
+    params = [p.detach() for p in trainable_parameters(model)]
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    x, y = workload.make_batch(HANDOVER_ROWS, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with ProcessPerturber(model, workload.loss_fn, rho=RHO, threads=threads, cores=cores,
+                          timeout_s=JOB_TIMEOUT_S) as perturber:
+        return time_handovers(perturber, params, x, y, settings=settings, clock=clock)
+
+
+def time_handovers(perturber, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+                   settings: MeasureSettings, clock: Clock) -> TimingStats:
+    """Warm-up handovers, then timed ones until ``settings`` are met (``params`` end unchanged)."""
+    clean = [torch.empty_like(p) for p in params]
+    steps = itertools.count()
+
+    def one() -> float:
+        start = clock.now()
+        perturber.submit(next(steps), params, x, y)
+        elapsed = clock.now() - start
+        _wait_until_ready(perturber)  # the worker computes while the main step runs: untimed
+        start = clock.now()
+        result = perturber.collect()
+        if result.perturbation is None:
+            raise RuntimeError("the worker's perturbation was not finite: nothing to apply")
+        with torch.no_grad():  # what AsyncSAM does with it: keep w, add e, restore w
+            torch._foreach_copy_(clean, params)
+            torch._foreach_add_(params, result.perturbation)
+            torch._foreach_copy_(params, clean)
+        return elapsed + clock.now() - start
+
+    # At least one warm-up: the first submit allocates and sends the input buffers.
+    for _ in range(max(settings.warmup, 1)):
+        one()
+    return repeat_samples(one, settings)
+
+
+def _wait_until_ready(perturber) -> None:
+    # Bounded: past the job's timeout collect() itself stops a hung worker and raises.
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not perturber.ready() and time.monotonic() < deadline:
+        time.sleep(_READY_POLL_S)
+
+
+__all__ = ["measure_handover", "time_handovers", "HANDOVER_ROWS"]
