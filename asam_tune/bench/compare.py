@@ -41,10 +41,14 @@ from asam_tune.workloads import load_workload
 NOISE_THRESHOLD = 0.1
 
 
-def _check_same_problem(plan: Plan, tuned: Plan) -> None:
+def _check_comparable(plan: Plan, tuned: Plan) -> None:
     if (plan.workload.name, plan.batch_size) != (tuned.workload.name, tuned.batch_size):
         raise UserInputError(f"the tuned plan is for {tuned.workload.name} at B={tuned.batch_size}, the plan for "
                              f"{plan.workload.name} at B={plan.batch_size}: compare plans of one problem")
+    if plan.mode != "staleness1":
+        # The adapted run resizes a worker that runs beside the main step: a synchronous plan has none.
+        raise UserInputError(f"the plan's mode is {plan.mode!r}: the adapted run needs an asynchronous "
+                             "(staleness 1) plan; make one with 'asam-tune plan ... --asynchronous'")
 
 
 def _run_summary(times: list[float], stats: dict, sgd_s: float, sam_s: float, b_p: int, predicted_s: float) -> dict:
@@ -61,7 +65,7 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
                 progress: Callable[[str], None] = lambda message: None) -> dict:
     if steps < 10:
         raise UserInputError(f"Invalid steps: {steps!r} (need at least 10 timed steps)")
-    _check_same_problem(plan, tuned)
+    _check_comparable(plan, tuned)
     workload = load_workload(workload or plan.workload.name)
     placements = {name: main_placement(p) for name, p in (("plan", plan), ("tuned", tuned))}
     device = placements["plan"][0]

@@ -80,3 +80,6 @@ def test_compare_bench_refuses_plans_of_different_problems():
     other = plan.model_copy(update={"batch_size": 64, "perturbation_batch_size": 10})
     with pytest.raises(compare.UserInputError, match="compare plans of one problem"):
         compare.run_compare(plan, other)
+    synchronous = plan.model_copy(update={"mode": "synchronous", "staleness": 0})
+    with pytest.raises(compare.UserInputError, match="--asynchronous"):
+        compare.run_compare(synchronous, plan)
