@@ -4,7 +4,11 @@
   when the main device waited at most ``margin`` of its step for the worker.
 - Objectives: step time (minimise) and b_p (maximise); the front is taken over hidden trials.
 - Chosen: the largest b_p among hidden trials whose step is within ``margin`` of SGD's (ties:
-  the faster step, then the earlier trial); when none is, the fastest hidden trial, said so.
+  the faster step, then the earlier trial). When none is, the fastest hidden step is the best
+  this machine reaches, and the choice is the largest b_p within ``margin`` of *that* step:
+  trials whose steps differ by less than the margin differ by noise, not by b_p (on a 2-core VM
+  every b_p from 6 to 121 of resnet20 measured 520-577 ms), so the fastest one alone would be a
+  lottery that favours tiny b_p. Said so in the reason.
 """
 from __future__ import annotations
 
@@ -81,9 +85,11 @@ def choose(outcomes: list[Outcome], sgd_step_s: float, margin: float) -> Choice:
         best = min(within, key=lambda o: (-o.config.perturbation_batch_size, o.measurement.step_time_s, o.number))
         return Choice(best, True, f"the largest b_p whose step is within {margin:.0%} of SGD's")
     if hidden:
-        best = min(hidden, key=lambda o: (o.measurement.step_time_s, -o.config.perturbation_batch_size, o.number))
-        return Choice(best, False, f"no hidden configuration came within {margin:.0%} of SGD's step: "
-                                   f"the fastest hidden one")
+        fastest = min(o.measurement.step_time_s for o in hidden)
+        near = [o for o in hidden if is_within_margin(o.measurement, fastest, margin)]
+        best = min(near, key=lambda o: (-o.config.perturbation_batch_size, o.measurement.step_time_s, o.number))
+        return Choice(best, False, f"no hidden configuration came within {margin:.0%} of SGD's step: the largest "
+                                   f"b_p within {margin:.0%} of the fastest hidden step ({fastest * 1e3:.3g} ms)")
     completed = sum(o.complete for o in outcomes)
     failed = sum(o.state == "fail" for o in outcomes)
     return Choice(None, False, f"no trial hid the perturbation ({completed} completed, {failed} failed)")
