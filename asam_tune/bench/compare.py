@@ -8,7 +8,8 @@
 One process, one run after another, each on a fresh copy of the model and the same synthetic
 batches, with the timing code of ``bench/speed.py``:
 
-1. SGD and synchronous SAM on the plan's main cores (and on the tuned plan's, if it moved them);
+1. on a CPU machine SGD on every usable core (what a user without asam-tune runs); SGD and
+   synchronous SAM on the plan's main cores (and on the tuned plan's, if it moved them);
 2. asynchronous SAM with the plan's worker and ``b_p``, adaptation off;
 3. the same with the tuned plan's;
 4. the adapted run: the plan's worker from the plan's ``b_p`` with adaptation on, twice as many
@@ -17,7 +18,8 @@ batches, with the timing code of ``bench/speed.py``:
 
 Each asynchronous run reports its median step, IQR, asynchronous SAM / SGD, the hidden
 fraction (SAM - ASAM) / (SAM - SGD) with SGD and SAM on the same cores, the main process's
-median wait per step, the worker's median time per job, and the plan's prediction beside it.
+median wait per step, the worker's median time per job, and the plan's prediction beside it;
+on a CPU machine also asynchronous SAM / SGD on every core.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from asam_tune.bench.provenance import emit_result, provenance
 from asam_tune.bench.speed import synthetic_batches, time_sam, time_sgd
 from asam_tune.cli import args as types
 from asam_tune.errors import AsamTuneError, UserInputError
+from asam_tune.fingerprint import usable_core_ids
 from asam_tune.records import load_record
 from asam_tune.records.plan import Plan
 from asam_tune.runtime.placement import main_placement, place, preserved_placement
@@ -83,6 +86,13 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
                               for name, p in (("plan", plan), ("tuned", tuned))}}
     baselines: dict[tuple[int, ...], dict] = {}
     with preserved_placement():
+        if device.type == "cpu":
+            # What a user without asam-tune runs: SGD on every usable core (the plans' SGD baseline).
+            everything = usable_core_ids()
+            place(everything, len(everything))
+            progress(f"SGD on all {len(everything)} usable cores")
+            result["sgd_all_cores"] = {"step_time_median_s": statistics.median(
+                time_sgd(workload, fixed, device, warmup, lr)), "threads": len(everything)}
         for _, cores, threads in placements.values():
             if cores in baselines:
                 continue
@@ -125,6 +135,9 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
         else:
             result[name] = _run_summary(times, stats, sgd_s, sam_s, source.perturbation_batch_size,
                                         source.predictions.asam_step_s)
+        if "sgd_all_cores" in result:
+            result[name]["asam_over_sgd_all_cores"] = (result[name]["step_time_median_s"]
+                                                      / result["sgd_all_cores"]["step_time_median_s"])
     return result
 
 
@@ -137,19 +150,25 @@ def markdown(result: dict) -> str:
         r = result[name]
         hidden = r["hidden_fraction"]
         b_p = (f"{r['initial_b_p']} -> {r['b_p']}" if name == "adapted" else str(r["b_p"]))
+        all_cores = r.get("asam_over_sgd_all_cores")
         rows.append(f"| {label} | {b_p} | {1e3 * r['step_time_median_s']:.2f} | {1e3 * r['step_time_iqr_s']:.2f} | "
-                    f"{r['asam_over_sgd']:.3f} | {'-' if hidden is None else f'{hidden:.2f}'} | "
+                    f"{r['asam_over_sgd']:.3f} | {'-' if all_cores is None else f'{all_cores:.3f}'} | "
+                    f"{'-' if hidden is None else f'{hidden:.2f}'} | "
                     f"{1e3 * r['wait_median_s']:.2f} | {1e3 * r['worker_compute_median_s']:.2f} | "
                     f"{1e3 * r['predicted_step_s']:.2f} |")
-    base = "; ".join(f"cores {cores}: SGD {1e3 * b['sgd_step_median_s']:.2f} ms, SAM {1e3 * b['sam_step_median_s']:.2f} ms"
+    everything = result.get("sgd_all_cores")
+    base = "" if everything is None else (f"SGD on all {everything['threads']} cores "
+                                          f"{1e3 * everything['step_time_median_s']:.2f} ms; ")
+    base += "; ".join(f"cores {cores}: SGD {1e3 * b['sgd_step_median_s']:.2f} ms, SAM {1e3 * b['sam_step_median_s']:.2f} ms"
                      for cores, b in result["baselines"].items())
     return "\n".join([
         f"`{result['workload']}`, B={result['batch_size']}, {result['steps']} timed steps per fixed run "
         f"(the adapted run {2 * result['steps']}, judged on its second half). Machine: {machine['cpu']}, "
         f"{machine['usable_cores']} usable cores; torch {machine['torch']}; {result['date']}; commit "
-        f"{result['commit']}. Baselines on the main cores: {base}.", "",
-        "| run | b_p | median ms | IQR ms | ASAM / SGD | hidden fraction | wait ms | worker ms | predicted ms |",
-        "|---|---|---|---|---|---|---|---|---|", *rows,
+        f"{result['commit']}. Baselines: {base}.", "",
+        "| run | b_p | median ms | IQR ms | ASAM / SGD (main cores) | ASAM / SGD (all cores) | hidden fraction "
+        "| wait ms | worker ms | predicted ms |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows,
     ]) + "\n"
 
 

@@ -73,6 +73,8 @@ def test_compare_bench_measures_the_plan_the_tuned_plan_and_the_adapted_run():
         assert run["predicted_step_s"] == plan.predictions.asam_step_s
     table = compare.markdown(result)
     assert "| tuned plan (`asam-tune tune`) | 10 |" in table and "| plan + online adaptation" in table
+    assert result["sgd_all_cores"]["threads"] == len(usable_core_ids())
+    assert all(result[name]["asam_over_sgd_all_cores"] > 0 for name in ("plan", "tuned", "adapted"))
 
 
 def test_compare_bench_refuses_plans_of_different_problems():
