@@ -16,7 +16,8 @@ job's compute; ``--load python``: a pure-Python spin):
 - ``competing_load``: starts from the ``b_p`` that hides; at ``--load-at`` the load starts
   and runs to the end.
 
-For each: per-step times and ``b_p``, the rolling median (window 20) of step time / SGD's
+``--staleness non_blocking`` runs both with a worker the main step never waits for (it
+applies the newest perturbation there is). For each: per-step times and ``b_p``, the rolling median (window 20) of step time / SGD's
 median, the first step at which it is back to <= 1.10 (the issue's target: within 200 steps),
 the b_p trajectory and the final ratio. SGD is timed before, between and after the runs, the
 last time with the load running (the ratios use SGD measured under the same conditions as the
@@ -158,12 +159,13 @@ def first_above(ratios: list[float | None], start: int = 0, target: float = TARG
 
 
 def run_adapting(workload: Workload, batches: list, initial_bp: int, worker_core: int, *, rho: float, lr: float,
-                 on_step: Callable[[int], None] = lambda step: None) -> dict:
+                 staleness: int | str = 1, on_step: Callable[[int], None] = lambda step: None) -> dict:
     """Asynchronous SAM with adaptation on: per-step time and the b_p each step left for the next job."""
     model, optimizer = _fresh(workload, lr)
     times, sizes = [], []
     with AsyncSAM(model, optimizer, workload.loss_fn, rho, perturbation_device="cpu", threads=1,
-                  cores=(worker_core,), perturbation_batch_size=initial_bp, adapt=True) as sam:
+                  cores=(worker_core,), perturbation_batch_size=initial_bp, staleness=staleness,
+                  adapt=True) as sam:
         for step, (x, y) in enumerate(sam.lookahead(batches)):
             on_step(step)
             started = time.perf_counter()
@@ -203,18 +205,20 @@ def _with_load(load: CompetingLoad, run: Callable[[Callable[[int], None]], dict]
 
 def run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int = 400, initial_bp: int | None = None,
                     load_at: int | None = None, load: str = "torch", main_core: int = 0, worker_core: int = 1,
-                    rho: float = 0.05, lr: float = 0.01, sgd_steps: int = 100,
+                    rho: float = 0.05, lr: float = 0.01, sgd_steps: int = 100, staleness: int | str = 1,
                     progress: Callable[[str], None] = lambda message: None) -> dict:
     """The two scenarios (module docstring); the caller's affinity and threads are restored after."""
+    if staleness not in (1, "non_blocking"):
+        raise UserInputError(f"Invalid staleness: {staleness!r} (adaptation needs 1 or 'non_blocking')")
     with preserved_placement():
         return _run_adapt_bench(workload, batch_size, steps=steps, initial_bp=initial_bp, load_at=load_at,
                                 load=load, main_core=main_core, worker_core=worker_core, rho=rho, lr=lr,
-                                sgd_steps=sgd_steps, progress=progress)
+                                sgd_steps=sgd_steps, staleness=staleness, progress=progress)
 
 
 def _run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int, initial_bp: int | None,
                      load_at: int | None, load: str, main_core: int, worker_core: int, rho: float, lr: float,
-                     sgd_steps: int, progress: Callable[[str], None]) -> dict:
+                     sgd_steps: int, staleness: int | str, progress: Callable[[str], None]) -> dict:
     if steps < 2 * ROLLING_WINDOW:
         raise UserInputError(f"Invalid steps: {steps!r} (need at least {2 * ROLLING_WINDOW})")
     load_at = max(ROLLING_WINDOW, steps // 4) if load_at is None else load_at
@@ -230,6 +234,7 @@ def _run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int, i
         workload = load_workload(workload)
     result: dict = {**provenance(), "workload": workload.name, "batch_size": batch_size, "steps": steps,
                     "rho": rho, "lr": lr, "main_core": main_core, "worker_core": worker_core, "load": load,
+                    "staleness": staleness,
                     "target_ratio": TARGET_RATIO, "rolling_window": ROLLING_WINDOW,
                     "loadavg_start": os.getloadavg()}
     place((main_core,), 1)
@@ -240,6 +245,7 @@ def _run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int, i
 
     def adapting(initial: int) -> Callable[[Callable[[int], None]], dict]:
         return lambda on_step: run_adapting(workload, batches[:steps], initial, worker_core, rho=rho, lr=lr,
+                                            staleness=staleness,
                                             on_step=on_step)
 
     progress(f"SGD on core {main_core}")
@@ -303,7 +309,7 @@ def report(result: dict) -> str:
     w, c = result["wrong_plan"], result["competing_load"]
     lines = [
         f"{result['workload']}, B={result['batch_size']}, {result['steps']} steps; main core {result['main_core']}, "
-        f"worker core {result['worker_core']}, {result['load']} load; load average "
+        f"worker core {result['worker_core']}, {result['load']} load, staleness {result['staleness']}; load average "
         f"{result['loadavg_start'][0]:.2f} -> {result['loadavg_end'][0]:.2f}; {result['date']}; "
         f"commit {result['commit']}",
         f"SGD median step {result['sgd']['step_median_s'] * 1e3:.3f} ms idle, "
@@ -332,6 +338,8 @@ def main(argv=None) -> int:
                         help="step at which the competing load starts (default: steps / 4)")
     parser.add_argument("--load", choices=sorted(_LOADS), default="torch",
                         help="the competing load on the worker's core (default: torch)")
+    parser.add_argument("--staleness", choices=["1", "non_blocking"], default="1",
+                        help="1 (wait for a late worker) or non_blocking (never wait; default: 1)")
     parser.add_argument("--main-core", type=types.non_negative_int, default=0)
     parser.add_argument("--worker-core", type=types.non_negative_int, default=1)
     parser.add_argument("--sgd-steps", type=types.positive_int, default=100)
@@ -341,8 +349,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run_adapt_bench(args.workload, args.batch_size, steps=args.steps, initial_bp=args.initial_bp,
-                                 load_at=args.load_at, load=args.load, main_core=args.main_core, worker_core=args.worker_core,
-                                 rho=args.rho, lr=args.lr, sgd_steps=args.sgd_steps,
+                                 load_at=args.load_at, load=args.load, main_core=args.main_core,
+                                 worker_core=args.worker_core, rho=args.rho, lr=args.lr, sgd_steps=args.sgd_steps,
+                                 staleness=1 if args.staleness == "1" else "non_blocking",
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except UserInputError as exc:
         parser.error(str(exc))

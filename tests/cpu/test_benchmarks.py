@@ -51,6 +51,8 @@ def test_adapt_bench_refuses_bad_arguments():
         adapt.run_adapt_bench("mnist1d-cnn", 16, steps=40, load="fire")
     with pytest.raises(adapt.UserInputError, match="load_at"):
         adapt.run_adapt_bench("mnist1d-cnn", 16, steps=40, load_at=40)
+    with pytest.raises(adapt.UserInputError, match="staleness"):
+        adapt.run_adapt_bench("mnist1d-cnn", 16, steps=40, staleness=0)
 
 
 def _plan(b_p: int) -> Plan:
