@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from asam_tune.records import (
-    BatchPoint, ContentionPoint, CpuInfo, DeviceConfig, DeviceProfile, Fingerprint, HandoverPoint, Profile,
-    ProfileSettings, TimingStats, TransferPoint, WorkloadDescriptor,
+    BatchPoint, ContentionPoint, CpuInfo, DeviceConfig, DeviceProfile, Fingerprint, HandoverPoint, MachineLoad,
+    Profile, ProfileSettings, TimingStats, TransferPoint, WorkloadDescriptor,
 )
 
 
@@ -52,3 +52,15 @@ def with_handover(profile: Profile, seconds: float = 3e-4) -> Profile:
     """``profile`` (schema version 2) with a handover from its first device to a 1-thread worker."""
     point = HandoverPoint(main=profile.devices[0].config.key, perturbation="cpu/1t", per_step=stats(seconds))
     return Profile.model_validate_json(profile.model_copy(update={"handovers": (point,)}).to_json())
+
+
+def machine_load(start=(0.2, 0.3, 0.4), end=(0.6, 0.4, 0.4), cores: int = 2, elapsed_s: float = 12.0,
+                 busy_cores: float = 1.2) -> MachineLoad:
+    return MachineLoad(start=start, end=end, usable_cores=cores, elapsed_s=elapsed_s, profiler_busy_cores=busy_cores)
+
+
+def with_machine_load(profile: Profile, load: MachineLoad | None = None) -> Profile:
+    """``profile`` (schema version 2) with the machine's load and its contention cores recorded."""
+    contention = tuple(c.model_copy(update={"main_cores": (0,), "busy_cores": (1,)}) for c in profile.contention)
+    updated = profile.model_copy(update={"machine_load": load or machine_load(), "contention": contention})
+    return Profile.model_validate_json(updated.to_json())

@@ -39,6 +39,18 @@ def _print_json(document: object) -> None:
     print(json.dumps(document, indent=2, allow_nan=False))
 
 
+def _warn(message: str) -> None:
+    """One plain line on stderr, as main() prints warnings: not through rich, which would wrap
+    it at the console's width (80 columns when stderr is not a terminal)."""
+    print(f"asam-tune: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _warnings_only(update) -> None:
+    """A profiler progress callback for commands without a progress bar."""
+    if update.warning:
+        _warn(update.message)
+
+
 def run_profile(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -57,6 +69,9 @@ def run_profile(args: argparse.Namespace) -> int:
         task = bar.add_task("profiling", total=None)
 
         def report(update) -> None:
+            if update.warning:  # e.g. a busy machine: it must outlive the transient bar
+                _warn(update.message)
+                return
             bar.update(task, description=update.message, completed=update.done, total=update.total)
 
         profile = measure(spec, devices=devices, cpu_threads=args.cpu_threads, batch_sizes=args.batch_sizes,
@@ -208,7 +223,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             devices += ("cuda:0",)
         profile = measure(spec, devices=devices, quick=True, input_shape=shape, num_classes=classes,
-                          batch_sizes=sorted({8, 32, args.batch_size}))
+                          batch_sizes=sorted({8, 32, args.batch_size}), progress=_warnings_only)
         plan = api.plan_for(profile, args.batch_size, asynchronous=True)
     elif plan.batch_size != args.batch_size:
         raise UserInputError(f"--batch-size {args.batch_size} differs from the plan's batch size {plan.batch_size}")

@@ -4,11 +4,37 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from asam_tune.records.profile import Profile
+from asam_tune.profiler.machine_load import end_warning, start_warning
+from asam_tune.records.profile import LoadAverages, MachineLoad, Profile
 
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _placed(key: str, cores: tuple[int, ...] | None) -> str:
+    """A configuration key and the cores it ran on, when recorded: 'cpu/1t on 1' (short: the
+    contention table has to fit 80 columns)."""
+    return key if cores is None else f"{key} on {','.join(map(str, cores))}"
+
+
+def _loads(loads: LoadAverages | None) -> str:
+    return "unknown" if loads is None else " ".join(f"{x:.2f}" for x in loads)
+
+
+def load_line(load: MachineLoad | None) -> str:
+    """The machine's load while profiling, on one line: start -> end, cores, and whether it was busy."""
+    if load is None:
+        return "not recorded (a profile written before asam-tune recorded it)"
+    line = (f"{_loads(load.start)} -> {_loads(load.end)} (1/5/15-min averages, start -> end) "
+            f"on {load.usable_cores} usable core{'s' if load.usable_cores != 1 else ''}")
+    if load.end is not None and load.profiler_busy_cores is not None:
+        line += f"; about {load.own_share_at_end():.2f} of the end is the profiler's own"
+    busy = [moment for moment, warning in (("start", start_warning(load.start, load.usable_cores)),
+                                           ("end", end_warning(load))) if warning]
+    if busy:
+        line += f"; BUSY at the {' and the '.join(busy)}: another job ran, timings may be noisy"
+    return line
 
 
 def profile_tables(profile: Profile) -> list[Table]:
@@ -21,6 +47,7 @@ def profile_tables(profile: Profile) -> list[Table]:
     header.add_row("gpus", gpus)
     header.add_row("torch", f"{fp.torch_version} (cuda {fp.cuda_version})")
     header.add_row("created", profile.created_at)
+    header.add_row("load", load_line(profile.machine_load))
     tables = [header]
 
     points = Table(title="Forward+backward and optimizer step (medians)")
@@ -50,8 +77,10 @@ def profile_tables(profile: Profile) -> list[Table]:
         for column in ("main", "busy", "batch", "alone ms", "while busy ms", "slowdown"):
             contention.add_column(column)
         for c in profile.contention:
-            contention.add_row(c.main, c.busy, str(c.batch_size), _ms(c.main_alone.median_s),
-                               _ms(c.main_while_busy.median_s), f"{c.slowdown:.2f}x")
+            contention.add_row(_placed(c.main, c.main_cores), _placed(c.busy, c.busy_cores), str(c.batch_size),
+                               _ms(c.main_alone.median_s), _ms(c.main_while_busy.median_s), f"{c.slowdown:.2f}x")
+        if any(c.main_cores is not None or c.busy_cores is not None for c in profile.contention):
+            contention.caption = "'on': the cores each probe ran on"
         tables.append(contention)
     if profile.handovers:
         handovers = Table(title="Handover to a CPU worker process (main process's cost per step)")

@@ -72,7 +72,8 @@ def measure_contention(main_probe: ProbeProcess, main: DeviceConfig, batch_size:
                 report(f"contention with {candidate.config.key} not measured: {exc}")
                 continue
         points.append(ContentionPoint(main=main.key, busy=candidate.config.key, batch_size=batch_size,
-                                      main_alone=alone, main_while_busy=loaded))
+                                      main_alone=alone, main_while_busy=loaded, main_cores=main.cores,
+                                      busy_cores=candidate.config.cores))
     return points
 
 

@@ -9,6 +9,9 @@ the contention step):
 4. handovers: the main probe hands jobs to a real CPU worker on each CPU candidate's cores;
 5. contention: the main probe's step alone and while each candidate is busy.
 
+The machine's load averages are read before step 1 and after step 5 and recorded; a busy
+machine (another job) is reported as a warning, and the profile goes on.
+
 The main device is the first CUDA device when one is asked for; on a CPU-only machine the
 main process and the CPU worker split the usable cores, so the main device is the CPU on the
 first half of the cores and the candidates run on the rest.
@@ -26,6 +29,7 @@ import asam_tune
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import collect_fingerprint, usable_core_ids
 from asam_tune.profiler.contention import BusyCandidate, measure_contention, representative_batch
+from asam_tune.profiler.machine_load import LoadSource, LoadWatch, end_warning
 from asam_tune.profiler.probe_process import ProbeFailed, ProbeProcess
 from asam_tune.profiler.sweep import QUICK_BATCH_SIZES, check_batch_sizes, geometric_batch_sizes
 from asam_tune.records.profile import (BatchPoint, DeviceConfig, DeviceProfile, HandoverPoint, Profile,
@@ -45,11 +49,16 @@ _CUDA = re.compile(r"^cuda(:\d+)?$")
 
 @dataclass(frozen=True)
 class ProgressUpdate:
-    """What the profiler is doing: ``message``, and ``done`` of about ``total`` steps."""
+    """What the profiler is doing: ``message``, and ``done`` of about ``total`` steps.
+
+    ``warning``: the message is something the user should see even without a progress bar
+    (e.g. the machine is busy), not just what is being done.
+    """
 
     message: str
     done: int
     total: int
+    warning: bool = False
 
     def __str__(self) -> str:
         return self.message
@@ -68,6 +77,11 @@ class _Progress:
     def say(self, message: str) -> None:
         if self._callback is not None:
             self._callback(ProgressUpdate(message, self.done, self.total))
+
+    def warn(self, message: str | None) -> None:
+        """Report ``message`` as a warning; None: nothing to warn about."""
+        if message is not None and self._callback is not None:
+            self._callback(ProgressUpdate(message, self.done, self.total, warning=True))
 
 
 def default_thread_counts(usable: int) -> tuple[int, ...]:
@@ -232,13 +246,16 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
                 input_shape: Sequence[int] | None = None, num_classes: int | None = None,
                 progress: Callable[[ProgressUpdate], None] | None = None,
                 settings: MeasureSettings | None = None,
-                probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S) -> Profile:
+                probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+                load_average: LoadSource | None = None) -> Profile:
     """Measure ``workload_spec`` on ``devices`` and return the profile (nothing is written).
 
     ``cpu_threads`` defaults to 1, 2, 4, ... up to the usable cores; ``batch_sizes`` to
     8, 16, ..., 256 (``quick``: 8, 32, 128, and shorter timings). Every measurement runs in
     a probe process on the real clock (the parts are tested with a fake clock one by one).
     User mistakes raise ``UserInputError`` subclasses before anything is measured.
+    ``load_average`` replaces ``os.getloadavg`` (tests); a busy machine is reported to
+    ``progress`` as a warning at the start and at the end, and recorded in ``machine_load``.
     """
     from asam_tune.profiler.transfers import trainable_numel_and_dtype
     from asam_tune.workloads import describe, load_workload
@@ -250,8 +267,8 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
     else:
         sizes = QUICK_BATCH_SIZES if quick else geometric_batch_sizes()
     settings = settings or (QUICK_SETTINGS if quick else DEFAULT_SETTINGS)
-    layout = plan_layout(device_names, usable_core_ids(), tuple(cpu_threads) if cpu_threads is not None else None,
-                         main_device)
+    cores = usable_core_ids()
+    layout = plan_layout(device_names, cores, tuple(cpu_threads) if cpu_threads is not None else None, main_device)
     workload = load_workload(workload_spec, input_shape=input_shape, num_classes=num_classes)
     model = workload.build()
     descriptor = describe(workload, model)
@@ -265,6 +282,11 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
     }
     tracker = _Progress(progress, total=len(layout.configs) * len(sizes) + 1 + len(layout.cpu_workers)
                         + len(layout.busy))
+
+    # After every check of the user's input (a mistake is one error line, not a warning and an
+    # error), right before the first probe starts.
+    watch = LoadWatch(len(cores), load_average)
+    tracker.warn(watch.start_warning())
 
     profiles: dict[str, DeviceProfile] = {}
     main_probe: ProbeProcess | None = None
@@ -284,6 +306,9 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
     finally:
         if main_probe is not None:
             main_probe.close()
+    # Once every probe is closed, so the profiler's own CPU time is all counted.
+    machine_load = watch.finish()
+    tracker.warn(end_warning(machine_load))
 
     return Profile(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -297,6 +322,7 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
         transfers=tuple(transfers),
         contention=tuple(contention),
         handovers=tuple(handovers),
+        machine_load=machine_load,
     )
 
 

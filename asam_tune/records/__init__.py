@@ -7,6 +7,8 @@ from asam_tune.records.profile import (
     DeviceConfig,
     DeviceProfile,
     HandoverPoint,
+    LoadAverages,
+    MachineLoad,
     Profile,
     ProfileSettings,
     TimingStats,
@@ -18,7 +20,7 @@ from asam_tune.records.plan import Alternative, PerturbationDevice, Plan, Predic
 __all__ = [
     "Record", "check_writable", "dump_record", "load_record", "parse_record", "write_atomic",
     "CpuInfo", "Fingerprint", "GpuInfo", "fingerprint_differences",
-    "BatchPoint", "ContentionPoint", "DeviceConfig", "DeviceProfile", "HandoverPoint", "Profile",
-    "ProfileSettings", "TimingStats", "TransferPoint", "WorkloadDescriptor",
+    "BatchPoint", "ContentionPoint", "DeviceConfig", "DeviceProfile", "HandoverPoint", "LoadAverages",
+    "MachineLoad", "Profile", "ProfileSettings", "TimingStats", "TransferPoint", "WorkloadDescriptor",
     "Alternative", "PerturbationDevice", "Plan", "Predictions",
 ]

@@ -11,9 +11,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, ClassVar, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from asam_tune.errors import RecordError, UserInputError
 
@@ -24,6 +24,18 @@ class Record(BaseModel):
     """Base of every on-disk document: strict, frozen, no extra keys, finite numbers only."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # Optional fields added to a schema after files were written: left out of the document while
+    # None, so those files are written back, and hashed, exactly as they were (plans record the
+    # hash of the profile they were made from).
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self.omit_when_none:
+            if data.get(name, ...) is None:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=False, sort_keys=False)

@@ -9,22 +9,33 @@ Layout (schema_version 2)::
       devices[]            one per device configuration (a GPU, or the CPU at N threads)
         points[]           one per batch size: ok with timings, or oom, or error
       transfers[]          weights main -> perturbation device, perturbation back
-      contention[]         main step alone vs while the perturbation device is busy
+      contention[]         main step alone vs while the perturbation device is busy, and on
+                           which cores each ran (main_cores, busy_cores; optional)
       handovers[]          the main process's fixed cost per step of using a CPU worker process
+      machine_load         optional: how busy the machine was while it was measured: the 1-, 5-
+                           and 15-minute load averages at the start and at the end, the usable
+                           cores to compare them with, and the profiler's own share of the end
 
 Version 1 files (no handovers) load as they are: schema_version stays 1, so their content
-hash, which plans record, does not change.
+hash, which plans record, does not change. The optional fields (machine_load, the contention
+cores) are left out of the file while unset, so version-2 files written before them keep
+their content hash too; a version-1 file may not carry them.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from asam_tune.records.base import Record
 from asam_tune.records.fingerprint import Fingerprint
 
 PROFILE_SCHEMA_VERSION = 2
+# The kernel's 1-minute load average decays with this time constant (Linux: every 5 s by
+# exp(-5/60)), so processes that kept k cores busy for the last t seconds account for about
+# k x (1 - exp(-t/60)) of it.
+LOAD_AVERAGE_WINDOW_S = 60.0
 
 
 class TimingStats(Record):
@@ -98,11 +109,17 @@ class TransferPoint(Record):
 class ContentionPoint(Record):
     """The main device's step time alone and while ``busy`` computes at the same time."""
 
+    # The cores are optional (older files lack them): the keys do not say which cores were used,
+    # and on a CPU-only machine the main and busy probes are on different ones.
+    omit_when_none = frozenset({"main_cores", "busy_cores"})
+
     main: str  # DeviceConfig.key
     busy: str  # DeviceConfig.key
     batch_size: PositiveInt
     main_alone: TimingStats
     main_while_busy: TimingStats
+    main_cores: tuple[NonNegativeInt, ...] | None = None  # None: not pinned (a GPU) or not recorded
+    busy_cores: tuple[NonNegativeInt, ...] | None = None
 
     @property
     def slowdown(self) -> float:
@@ -117,6 +134,30 @@ class HandoverPoint(Record):
     main: str  # DeviceConfig.key of the main device
     perturbation: str  # DeviceConfig.key of the CPU worker configuration
     per_step: TimingStats
+
+
+LoadAverages = tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat]
+
+
+class MachineLoad(Record):
+    """How busy the machine was while it was profiled: ``os.getloadavg()`` (1-, 5- and 15-minute
+    load averages) when measuring started and when it ended; None where the system has none.
+
+    The end includes the profiler's own processes; ``profiler_busy_cores`` (their CPU time over
+    the ``elapsed_s`` of measuring) gives how much (``own_share_at_end``).
+    """
+
+    start: LoadAverages | None
+    end: LoadAverages | None
+    usable_cores: PositiveInt  # what the load averages compare with (fingerprint.cpu.usable_cores)
+    elapsed_s: NonNegativeFloat | None = None
+    profiler_busy_cores: NonNegativeFloat | None = None
+
+    def own_share_at_end(self) -> float:
+        """About how much of the end's 1-minute load average the profiler itself caused."""
+        if self.elapsed_s is None or self.profiler_busy_cores is None:
+            return 0.0
+        return self.profiler_busy_cores * (1.0 - math.exp(-self.elapsed_s / LOAD_AVERAGE_WINDOW_S))
 
 
 class WorkloadDescriptor(Record):
@@ -137,6 +178,8 @@ class ProfileSettings(Record):
 
 
 class Profile(Record):
+    omit_when_none = frozenset({"machine_load"})
+
     # 1: before handovers were measured; still read, never written.
     schema_version: Literal[1, 2] = PROFILE_SCHEMA_VERSION
     kind: Literal["asam-tune-profile"] = "asam-tune-profile"
@@ -149,11 +192,19 @@ class Profile(Record):
     transfers: tuple[TransferPoint, ...] = ()
     contention: tuple[ContentionPoint, ...] = ()
     handovers: tuple[HandoverPoint, ...] = ()
+    machine_load: MachineLoad | None = None  # None: not recorded (a profile written before it was)
 
     @model_validator(mode="after")
-    def _handovers_need_version_2(self) -> "Profile":
-        if self.schema_version == 1 and self.handovers:
+    def _version_2_fields_need_version_2(self) -> "Profile":
+        if self.schema_version != 1:
+            return self
+        if self.handovers:
             raise ValueError("a version-1 profile has no handovers; handovers need schema_version 2")
+        if self.machine_load is not None:
+            raise ValueError("a version-1 profile has no machine_load; machine_load needs schema_version 2")
+        if any(c.main_cores is not None or c.busy_cores is not None for c in self.contention):
+            raise ValueError("a version-1 profile has no contention cores; main_cores and busy_cores need "
+                             "schema_version 2")
         return self
 
     def device(self, key: str) -> DeviceProfile:

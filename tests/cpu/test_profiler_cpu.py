@@ -16,6 +16,7 @@ from asam_tune.devices.torch_device import TorchComputeDevice, is_fatal_device_e
 from asam_tune.errors import UserInputError, WorkloadError
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.profiler import run_profile
+from asam_tune.profiler.machine_load import end_warning, read_load_average, start_warning
 from asam_tune.profiler.probe_process import ProbeProcess, probe_environment
 from asam_tune.profiler.run import _handovers, _Layout, _Progress, _sweep_in_probe
 from asam_tune.profiler.sweep import sweep
@@ -245,7 +246,14 @@ def test_the_main_probe_times_handovers_and_survives_a_worker_that_cannot_start(
 @pytest.mark.timeout(120)
 def test_a_quick_cpu_profile_end_to_end(tmp_path):
     updates = []
-    profile = run_profile("mnist1d-cnn", quick=True, batch_sizes=[4, 8], progress=updates.append)
+    loads = []
+
+    def real_load_average():  # the real figures, seen on their way in
+        loads.append(read_load_average())
+        return loads[-1]
+
+    profile = run_profile("mnist1d-cnn", quick=True, batch_sizes=[4, 8], progress=updates.append,
+                          load_average=real_load_average)
     cores = usable_core_ids()
     keys = [d.config.key for d in profile.devices]
     assert keys[0] == f"cpu/{max(1, len(cores) // 2)}t"  # the main device comes first
@@ -261,6 +269,18 @@ def test_a_quick_cpu_profile_end_to_end(tmp_path):
     if len(cores) >= 2:
         [contention] = profile.contention
         assert contention.main == keys[0] and contention.batch_size == 8
+        # CPU only: the main probe on the first half of the cores, the busy one on the rest.
+        assert contention.main_cores == profile.devices[0].config.cores == cores[:len(cores) // 2]
+        assert contention.busy_cores == cores[len(cores) // 2:][:len(contention.busy_cores)]
+    # The load averages at the start and at the end, as read, and what the warnings said of them.
+    load = profile.machine_load
+    assert len(loads) == 2 and (load.start, load.end) == tuple(loads)
+    assert load.usable_cores == len(cores) == profile.fingerprint.cpu.usable_cores
+    if hasattr(os, "getloadavg"):
+        assert len(load.start) == len(load.end) == 3
+    assert load.elapsed_s > 0 and load.profiler_busy_cores > 0  # the probes' CPU time is counted
+    warnings = [u.message for u in updates if u.warning]
+    assert warnings == [w for w in (start_warning(load.start, load.usable_cores), end_warning(load)) if w]
     # One handover per CPU worker placement beside the main device, all from the main device.
     assert profile.schema_version == 2 and profile.handovers
     assert all(h.main == keys[0] and h.perturbation.startswith("cpu/") for h in profile.handovers)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from asam_tune.errors import RecordError
 from asam_tune.records import Profile, dump_record, load_record, parse_record
-from tests.record_factories import small_profile, with_handover
+from tests.record_factories import machine_load, small_profile, with_handover, with_machine_load
 
 SHIPPED_PROFILES = sorted((Path(__file__).resolve().parents[2] / "profiles").glob("*.json"))
 
@@ -125,6 +125,85 @@ def test_the_shipped_version_1_profiles_keep_loading(path):
     profile = load_record(Profile, path)
     assert profile.schema_version in (1, 2)
     assert profile.schema_version == 2 or profile.handovers == ()
+
+
+@pytest.mark.parametrize("path", SHIPPED_PROFILES, ids=lambda p: p.name)
+def test_the_shipped_profiles_are_written_back_as_they_were(path):
+    # Unset optional fields stay out of the document, so the content hash that plans made from
+    # these profiles record does not change (version 1 only gains its empty handovers).
+    profile = load_record(Profile, path)
+    stored = json.loads(path.read_text())
+    written = json.loads(profile.to_json())
+    if profile.schema_version == 1:
+        stored.setdefault("handovers", [])
+    assert written == stored
+    assert profile.machine_load is None
+    assert all(c.main_cores is None and c.busy_cores is None for c in profile.contention)
+
+
+def test_machine_load_and_contention_cores_round_trip(tmp_path):
+    profile = with_machine_load(small_profile())
+    path = tmp_path / "p.json"
+    dump_record(profile, path)
+    loaded = load_record(Profile, path)
+    assert loaded == profile and loaded.content_hash() == profile.content_hash()
+    assert loaded.machine_load == machine_load()
+    assert (loaded.machine_load.start, loaded.machine_load.end) == ((0.2, 0.3, 0.4), (0.6, 0.4, 0.4))
+    [point] = loaded.contention
+    assert (point.main_cores, point.busy_cores) == ((0,), (1,))
+
+
+def test_machine_load_without_load_averages_round_trips():
+    # A system without os.getloadavg: the readings are null, the cores are still recorded.
+    load = machine_load(start=None, end=None)
+    profile = with_machine_load(small_profile(), load)
+    assert parse_record(Profile, json.loads(profile.to_json())).machine_load == load
+
+
+def test_a_version_2_document_written_before_machine_load_loads_and_keeps_its_hash():
+    doc = document()
+    assert "machine_load" not in doc and "main_cores" not in doc["contention"][0]
+    profile = parse_record(Profile, doc)
+    assert profile.machine_load is None and profile.contention[0].main_cores is None
+    assert json.loads(profile.to_json()) == doc
+    # A null written out explicitly means the same.
+    assert parse_record(Profile, {**doc, "machine_load": None}).content_hash() == profile.content_hash()
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d.update(machine_load=json.loads(machine_load().to_json())), "machine_load needs schema_version 2"),
+    (lambda d: d["contention"][0].update(main_cores=[0]), "main_cores and busy_cores need schema_version 2"),
+    (lambda d: d["contention"][0].update(busy_cores=[1]), "main_cores and busy_cores need schema_version 2"),
+])
+def test_a_version_1_document_cannot_carry_the_version_2_fields(mutate, expected):
+    doc = document()
+    doc["schema_version"] = 1
+    del doc["handovers"]
+    mutate(doc)
+    with pytest.raises(RecordError, match=expected):
+        parse_record(Profile, doc)
+
+
+@pytest.mark.parametrize("mutate, json_path, expected", [
+    (lambda m: m.update(start=[0.1, 0.2]), "$.machine_load.start[2]", "field required"),
+    (lambda m: m.update(end=[0.1, -0.2, 0.3]), "$.machine_load.end[1]", "greater than or equal to 0"),
+    (lambda m: m.update(usable_cores=0), "$.machine_load.usable_cores", "greater than 0"),
+    (lambda m: m.pop("usable_cores"), "$.machine_load.usable_cores", "field required"),
+])
+def test_invalid_machine_load_names_the_path(mutate, json_path, expected):
+    doc = json.loads(with_machine_load(small_profile()).to_json())
+    mutate(doc["machine_load"])
+    with pytest.raises(RecordError) as info:
+        parse_record(Profile, doc)
+    assert json_path in str(info.value) and expected in str(info.value).lower()
+
+
+def test_the_profilers_own_share_of_the_end_load():
+    # 1.2 cores busy for a whole minute: 1.2 x (1 - 1/e) of the 1-minute average is its own.
+    assert machine_load(elapsed_s=60.0, busy_cores=1.2).own_share_at_end() == pytest.approx(1.2 * (1 - math.exp(-1)))
+    assert machine_load(elapsed_s=0.0).own_share_at_end() == 0.0
+    # Not recorded: nothing is taken off.
+    assert machine_load(elapsed_s=None, busy_cores=None).own_share_at_end() == 0.0
 
 
 def test_another_kind_of_record_is_named_before_its_version():
