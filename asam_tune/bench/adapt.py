@@ -17,7 +17,9 @@ job's compute; ``--load python``: a pure-Python spin):
   and runs to the end.
 
 ``--staleness non_blocking`` runs both with a worker the main step never waits for (it
-applies the newest perturbation there is). For each: per-step times and ``b_p``, the rolling median (window 20) of step time / SGD's
+applies the newest perturbation there is).
+
+For each: per-step times and ``b_p``, the rolling median (window 20) of step time / SGD's
 median, the first step at which it is back to <= 1.10 (the issue's target: within 200 steps),
 the b_p trajectory and the final ratio. SGD is timed before, between and after the runs, the
 last time with the load running (the ratios use SGD measured under the same conditions as the
@@ -245,8 +247,8 @@ def _run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int, i
 
     def adapting(initial: int) -> Callable[[Callable[[int], None]], dict]:
         return lambda on_step: run_adapting(workload, batches[:steps], initial, worker_core, rho=rho, lr=lr,
-                                            staleness=staleness,
-                                            on_step=on_step)
+                                            staleness=staleness, on_step=on_step)
+
 
     progress(f"SGD on core {main_core}")
     sgd_idle = sgd_times()

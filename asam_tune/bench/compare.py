@@ -100,7 +100,7 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
             progress(f"SGD and synchronous SAM on cores {list(cores)}")
             sgd = time_sgd(workload, fixed, device, warmup, lr)
             sam, _ = time_sam(workload, fixed, device, warmup, lr, rho, staleness=0)
-            baselines[cores] = {"sgd": sgd, "sam": sam}
+            baselines[cores] = {"sgd": sgd, "sam": sam, "threads": threads}
 
         def asam(name: str, p: Plan, run_batches: list, adapt: bool) -> tuple[list[float], dict]:
             _, cores, threads = placements[name]
@@ -113,7 +113,7 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
         runs = {"plan": asam("plan", plan, fixed, False), "tuned": asam("tuned", tuned, fixed, False),
                 "adapted": asam("plan", plan, adapted, True)}
         for cores, base in baselines.items():
-            place(cores, len(cores))
+            place(cores, base["threads"])
             progress(f"SGD again on cores {list(cores)}")
             base["sgd"] = base["sgd"] + time_sgd(workload, fixed, device, warmup, lr)
 

@@ -6,7 +6,7 @@ the CPU worker process and the CUDA-stream worker all call it, so staleness=0 re
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
