@@ -15,16 +15,20 @@ from pathlib import Path
 from rich.console import Console
 
 from asam_tune.cli.args import fraction as _fraction
+from asam_tune.cli.args import non_negative_float as _non_negative_float
 from asam_tune.cli.args import non_negative_int as _non_negative_int
 from asam_tune.cli.args import positive_float as _positive_float
 from asam_tune.cli.args import positive_int as _positive_int
 from asam_tune.errors import UserInputError
+from asam_tune.tune.study import DEFAULT_CONFIRM_ROUNDS  # no optuna, no torch at import
+from asam_tune.tune.window import MAX_STEPS_FACTOR
 
 _console = Console(stderr=True)
 
 DEFAULT_TRIALS = 20
 DEFAULT_STEPS_PER_TRIAL = 20
 DEFAULT_WARMUP_STEPS = 5
+DEFAULT_MIN_TRIAL_SECONDS = 3.0
 
 
 def add_tune_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,6 +59,13 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"timed steps per trial (default {DEFAULT_STEPS_PER_TRIAL}, at least 3)")
     parser.add_argument("--warmup-steps", type=_non_negative_int, default=DEFAULT_WARMUP_STEPS,
                         help=f"untimed steps before them (default {DEFAULT_WARMUP_STEPS})")
+    parser.add_argument("--min-trial-seconds", type=_non_negative_float, default=DEFAULT_MIN_TRIAL_SECONDS,
+                        metavar="S", help=f"and keep timing until S seconds of timed steps have passed, at most "
+                                          f"{MAX_STEPS_FACTOR}x --steps-per-trial steps "
+                                          f"(default {DEFAULT_MIN_TRIAL_SECONDS:g}; 0: exactly --steps-per-trial)")
+    parser.add_argument("--confirm-rounds", type=_non_negative_int, default=DEFAULT_CONFIRM_ROUNDS, metavar="R",
+                        help=f"after the trials, measure the finalists again R times each, in alternation, and "
+                             f"choose from the pooled windows (default {DEFAULT_CONFIRM_ROUNDS}; 0: no confirmation)")
     parser.add_argument("--margin", type=_fraction, default=None,
                         help="allowed wait and distance from SGD's step, as a share (default: the plan's)")
     parser.add_argument("--rho", type=float, default=0.05)
@@ -145,6 +156,12 @@ def run_tune(args: argparse.Namespace) -> int:
         raise UserInputError(f"Invalid --rho: {args.rho!r} (tuning needs a finite rho > 0)")
     if args.steps_per_trial < 3:
         raise UserInputError(f"--steps-per-trial {args.steps_per_trial} is too few: at least 3 timed steps")
+    # argparse checks these on the command line; a Namespace built in code is checked here.
+    seconds = args.min_trial_seconds
+    if not (isinstance(seconds, (int, float)) and 0 <= seconds < float("inf")):
+        raise UserInputError(f"Invalid --min-trial-seconds: {seconds!r} (expected a number >= 0; 0 disables)")
+    if not (isinstance(args.confirm_rounds, int) and args.confirm_rounds >= 0):
+        raise UserInputError(f"Invalid --confirm-rounds: {args.confirm_rounds!r} (expected an integer >= 0)")
     plan = _source_plan(args)
     margin = args.margin if args.margin is not None else plan.margin
     workload = _workload(args, plan)
@@ -169,14 +186,21 @@ def run_tune(args: argparse.Namespace) -> int:
             label = outcome.config.label() if outcome.config is not None else "?"
             bar.update(task, advance=1, description=f"trial {outcome.number} ({label}): {outcome.state}")
 
+        def confirming(finalist, round_number: int) -> None:
+            bar.update(task, description=f"confirming trial {finalist.outcome.number} "
+                                         f"({finalist.outcome.config.label()}), round {round_number} "
+                                         f"of {args.confirm_rounds}")
+
         with WorkloadTrialRunner(workload, plan, space, usable, steps=args.steps_per_trial, warmup=args.warmup_steps,
-                                 rho=args.rho, nearest_cores=nearest) as runner:
+                                 rho=args.rho, nearest_cores=nearest, min_seconds=args.min_trial_seconds) as runner:
             result = run_study(space, runner, margin=margin, n_trials=args.trials, timeout_s=args.timeout,
                                storage=storage, study_name=study_name, seed=args.seed,
-                               planned=space.planned_config(plan), identity=identity, on_trial=report)
+                               planned=space.planned_config(plan), identity=identity, on_trial=report,
+                               confirm_rounds=args.confirm_rounds, on_confirmation=confirming)
 
     tuned = tuned_plan(plan, space, result, margin=margin, usable_core_ids=usable, nearest_cores=nearest)
-    record = tuning_record(plan, tuned, result, margin=margin, steps=args.steps_per_trial, warmup=args.warmup_steps)
+    record = tuning_record(plan, tuned, result, margin=margin, steps=args.steps_per_trial, warmup=args.warmup_steps,
+                           min_trial_seconds=args.min_trial_seconds, confirm_rounds=args.confirm_rounds)
     record_path = tuning_record_path(output)
     if tuned is not None:
         dump_record(tuned, output)

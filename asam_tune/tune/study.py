@@ -10,6 +10,9 @@ anything) is recorded as FAIL with its error and the study goes on.
 Two objectives, step time (minimise) and b_p (maximise), with one constraint: the main
 device waited at most ``margin`` of its step (``Trial.set_constraint``; on an Optuna
 without it, the sampler's ``constraints_func`` reads the same value from the user attributes).
+
+After the trials, the finalists are measured again in alternation and the choice is re-made
+from the pooled windows (``confirm``); those windows are not trials and stay out of the study.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from asam_tune.errors import UserInputError
+from asam_tune.tune.confirm import Confirmation, ConfirmationRun, Finalist, finalists, rechoose
 from asam_tune.tune.selection import Choice, Measurement, Outcome, choose, pareto_front, wait_excess_s
 from asam_tune.tune.space import SearchSpace, TrialConfig
 
@@ -33,6 +37,7 @@ GRACE_S = 30
 _RDB_SCHEMES = ("sqlite:", "mysql", "postgresql", "oracle", "mssql")
 _BASELINE_ATTR = "baseline"
 _IDENTITY_ATTR = "identity"
+DEFAULT_CONFIRM_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class StudyResult:
     new_trials: int
     storage: str
     study_name: str
+    confirmation: Confirmation | None = None  # None: not asked for, or no choice to confirm
 
 
 def describe_error(exc: BaseException) -> str:
@@ -150,15 +156,48 @@ def _baseline(study: Any, runner: TrialRunner) -> Baseline:
     return baseline
 
 
+def _measure(runner: TrialRunner, config: TrialConfig) -> Measurement:
+    measurement = runner.run(config)
+    _check_measurement(measurement)
+    return measurement
+
+
+def _confirm(runner: TrialRunner, finals: list[Finalist], rounds: int,
+             on_confirmation: Callable[[Finalist, int], None] | None) -> list[ConfirmationRun]:
+    """``rounds`` rounds, each measuring every finalist once in turn (A, B, C, A, B, C, ...).
+
+    A finalist whose window fails is dropped from the later rounds and keeps its error; the
+    others go on (a dead worker must not cost the whole tuning).
+    """
+    windows: list[list[Measurement]] = [[] for _ in finals]
+    errors: dict[int, str] = {}
+    for round_number in range(1, rounds + 1):
+        for index, finalist in enumerate(finals):
+            if index in errors:
+                continue
+            if on_confirmation is not None:
+                on_confirmation(finalist, round_number)
+            try:
+                windows[index].append(_measure(runner, finalist.outcome.config))
+            except Exception as exc:
+                errors[index] = describe_error(exc)
+    return [ConfirmationRun(f, tuple(windows[i]), errors.get(i)) for i, f in enumerate(finals)]
+
+
 def run_study(space: SearchSpace, runner: TrialRunner, *, margin: float, n_trials: int,
               timeout_s: float | None = None, storage: str | None = None, study_name: str = STUDY_NAME,
               seed: int | None = 0, planned: TrialConfig | None = None, identity: dict[str, Any] | None = None,
-              on_trial: Callable[[Outcome], None] | None = None, sampler: Any = None) -> StudyResult:
-    """Run ``n_trials`` more trials (or until ``timeout_s``) and judge every trial of the study.
+              on_trial: Callable[[Outcome], None] | None = None, sampler: Any = None,
+              confirm_rounds: int = DEFAULT_CONFIRM_ROUNDS,
+              on_confirmation: Callable[[Finalist, int], None] | None = None) -> StudyResult:
+    """Run ``n_trials`` more trials (or until ``timeout_s``), judge every trial of the study and
+    confirm the finalists in ``confirm_rounds`` rounds (0: the single windows decide).
 
     ``storage`` None keeps the study in memory (tests); ``identity`` guards a resumed study;
     ``sampler`` replaces the seeded TPE sampler (a brute-force one enumerates small spaces).
     """
+    if not isinstance(confirm_rounds, int) or confirm_rounds < 0:
+        raise UserInputError(f"Invalid confirmation rounds: {confirm_rounds!r} (expected an integer >= 0)")
     with _optuna_quiet() as optuna:
         study = optuna.create_study(storage=_storage(optuna, storage), study_name=study_name,
                                     directions=list(DIRECTIONS), sampler=sampler or _sampler(optuna, seed),
@@ -173,8 +212,7 @@ def run_study(space: SearchSpace, runner: TrialRunner, *, margin: float, n_trial
         def objective(trial: Any) -> tuple[float, float]:
             try:
                 config = space.suggest(trial)
-                measurement = runner.run(config)
-                _check_measurement(measurement)
+                measurement = _measure(runner, config)
             except Exception as exc:
                 trial.set_user_attr("error", describe_error(exc))
                 raise  # study.optimize(catch=...) records the trial as FAIL
@@ -189,6 +227,13 @@ def run_study(space: SearchSpace, runner: TrialRunner, *, margin: float, n_trial
         study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,), callbacks=callbacks)
         outcomes = [outcome_of(t) for t in study.get_trials(deepcopy=False)]
     planned_trial = next((o.number for o in outcomes if o.from_cost_model), None)
+    front = pareto_front(outcomes, margin)
     choice = choose(outcomes, baseline.sgd_step_s, margin)
-    return StudyResult(baseline, outcomes, pareto_front(outcomes, margin), choice,
-                       planned_trial, len(outcomes) - before, storage or "memory", study_name)
+    finals = finalists(outcomes, front, choice, planned_trial, margin) if confirm_rounds else []
+    confirmation = None
+    if finals:
+        runs = _confirm(runner, finals, confirm_rounds, on_confirmation)
+        confirmation = rechoose(choice, runs, confirm_rounds, baseline.sgd_step_s, margin)
+        choice = confirmation.choice
+    return StudyResult(baseline, outcomes, front, choice, planned_trial, len(outcomes) - before,
+                       storage or "memory", study_name, confirmation)

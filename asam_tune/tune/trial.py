@@ -3,18 +3,21 @@
 Timing is ``bench.speed``'s (same synthetic batches, same loops, same ``place``): the baseline
 runs SGD and synchronous SAM where the plan's baseline runs (every core left after the reserved
 ones for a CPU main, the main GPU otherwise); each trial pins the main process to its cores,
-starts the worker the configuration names and times ``steps`` steps after ``warmup``. The
-process's affinity and thread count are restored on exit, as a batch-size finder restores
-the model (``with WorkloadTrialRunner(...) as runner``).
+starts the worker the configuration names and times ``steps`` steps after ``warmup``, and
+more until ``min_seconds`` of timed steps have passed (``window.TrialLength``; the baseline
+too). The process's affinity and thread count are restored on exit, as a batch-size finder
+restores the model (``with WorkloadTrialRunner(...) as runner``).
 """
 from __future__ import annotations
 
 import math
 import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
-from asam_tune.bench.speed import synthetic_batches, time_sam, time_sgd
+from asam_tune.bench.speed import DISTINCT_BATCHES, synthetic_batches, time_sam, time_sgd
 from asam_tune.runtime.placement import place
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.records.plan import Plan
@@ -23,6 +26,7 @@ from asam_tune.tune.selection import Measurement
 from asam_tune.tune.space import SearchSpace, TrialConfig
 from asam_tune.timing import summarize
 from asam_tune.tune.study import Baseline
+from asam_tune.tune.window import TrialLength, timed_batches
 from asam_tune.workloads import Workload
 
 WORKER_TIMEOUT_S = 120.0  # a trial's worker that says nothing for this long failed
@@ -37,11 +41,9 @@ class WorkloadTrialRunner:
 
     def __init__(self, workload: Workload, plan: Plan, space: SearchSpace, usable_core_ids: tuple[int, ...], *,
                  steps: int = 20, warmup: int = 5, rho: float = 0.05, lr: float = 0.01,
-                 nearest_cores: tuple[int, ...] = ()):
-        if steps < 3:
-            raise UserInputError(f"Invalid steps per trial: {steps!r} (need at least 3 timed steps)")
-        if warmup < 0:
-            raise UserInputError(f"Invalid warm-up steps: {warmup!r} (expected >= 0)")
+                 nearest_cores: tuple[int, ...] = (), min_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.length = TrialLength(steps, warmup, min_seconds)  # checks all three
         self.device = torch.device(space.main_device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserInputError(f"the plan's main device is {plan.main_device} but CUDA is not available here")
@@ -49,7 +51,9 @@ class WorkloadTrialRunner:
         self.usable_core_ids = tuple(usable_core_ids)
         self.nearest_cores = tuple(nearest_cores)
         self.steps, self.warmup, self.rho, self.lr = steps, warmup, rho, lr
-        self.batches = synthetic_batches(workload, plan.batch_size, warmup + steps, self.device)
+        self.clock = clock
+        # The distinct batches only: each window cycles them for as many steps as it takes.
+        self.batches = synthetic_batches(workload, plan.batch_size, DISTINCT_BATCHES, self.device)
         self._saved: tuple[list[int] | None, int] | None = None
 
     def __enter__(self) -> WorkloadTrialRunner:
@@ -64,11 +68,15 @@ class WorkloadTrialRunner:
             pin_process(cores)
         torch.set_num_threads(threads)
 
+    def _window(self):
+        """A fresh loader for one timing loop: it ends when the window is long enough."""
+        return timed_batches(self.batches, self.length, self.clock)
+
     def baseline(self) -> Baseline:
         cores = self.space.baseline_cores(self.usable_core_ids, self.nearest_cores)
         place(cores, len(cores))
-        sgd = time_sgd(self.workload, self.batches, self.device, self.warmup, self.lr)
-        sam, _ = time_sam(self.workload, self.batches, self.device, self.warmup, self.lr, self.rho, staleness=0)
+        sgd = time_sgd(self.workload, self._window(), self.device, self.warmup, self.lr)
+        sam, _ = time_sam(self.workload, self._window(), self.device, self.warmup, self.lr, self.rho, staleness=0)
         where = f"{self.device} driven from cores {_cores_text(cores)} ({len(cores)} threads)"
         return Baseline(statistics.median(sgd), statistics.median(sam), where)
 
@@ -83,7 +91,7 @@ class WorkloadTrialRunner:
             options["threads"] = config.worker_threads
             options["cores"] = worker_cores if can_pin() else None
         try:
-            times, stats = time_sam(self.workload, self.batches, self.device, self.warmup, self.lr, self.rho,
+            times, stats = time_sam(self.workload, self._window(), self.device, self.warmup, self.lr, self.rho,
                                     **options)
         finally:
             if self.device.type == "cuda":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
 import pytest
@@ -15,13 +17,16 @@ from rich.console import Console
 from asam_tune import api
 from asam_tune.errors import RecordError, UserInputError, WorkerError
 from asam_tune.records import Plan, dump_record, load_record
-from asam_tune.records.tuning import Tuning
+from asam_tune.records.base import parse_record
+from asam_tune.records.tuning import ConfirmationLog, Tuning
 from asam_tune.tune.cli import add_tune_parser, default_storage, run_tune, tuning_record_path
+from asam_tune.tune.confirm import finalists, pool
 from asam_tune.tune.render import render_tuning
 from asam_tune.tune.result import tuned_plan, tuning_record
 from asam_tune.tune.selection import Measurement, Outcome, choose, is_hidden, pareto_front, wait_excess_s
 from asam_tune.tune.space import SearchSpace, TrialConfig
 from asam_tune.tune.study import Baseline, StudyResult, run_study
+from asam_tune.tune.window import TrialLength, timed_batches
 from tests.fixtures.costmodel_profiles import affine, cpu_only_profile, gpu_with_cpu, profile
 from tests.record_factories import small_profile
 
@@ -208,7 +213,9 @@ def test_study_enumerating_the_space_chooses_exactly_the_largest_hidden_b_p():
     result = run_study(space, runner, margin=MARGIN, n_trials=10, planned=TrialConfig("cpu", 1, 1, 2),
                        sampler=brute_force(), on_trial=seen.append)
     assert runner.ran[0] == TrialConfig("cpu", 1, 1, 2)  # the cost model's choice comes first
-    assert sorted(c.perturbation_batch_size for c in runner.ran) == [1, 2, 3, 4, 5, 6]
+    assert sorted(c.perturbation_batch_size for c in runner.ran[:6]) == [1, 2, 3, 4, 5, 6]
+    # Then the finalists again (by default two rounds): the choice, b_p 4, and the cost model's, b_p 2.
+    assert [c.perturbation_batch_size for c in runner.ran[6:]] == [4, 2, 4, 2]
     assert result.planned_trial == 0 and result.outcomes[0].from_cost_model
     assert [o.number for o in seen] == [0, 1, 2, 3, 4, 5]
     assert result.choice.outcome.config == TrialConfig("cpu", 1, 1, 4) and result.choice.within_margin
@@ -259,6 +266,258 @@ def test_a_stored_study_resumes_with_its_trials_and_baseline(tmp_path):
                   identity={"workload": "mnist1d-cnn", "batch_size": 64})
     with pytest.raises(UserInputError, match="margin: stored 0.05, now 0.1"):
         run_study(space, FakeRunner(), margin=0.1, n_trials=1, storage=storage, identity=identity)
+
+
+# ----------------------------------------------------------------------------- trial length and confirmation
+
+def _rendered(record: Tuning) -> str:
+    console = Console(file=io.StringIO(), width=250)
+    for table in render_tuning(record):
+        console.print(table)
+    return console.file.getvalue()
+
+
+@dataclass
+class NoisyRunner:
+    """Every b_p up to 5 hides the worker in a 10.1 ms step (SGD: 10 ms); b_p 6 is late. The
+    first window of each b_p in ``noisy`` reads 11 ms (a slow spell: 10% off, twice the
+    margin), later windows the truth. ``dies_on``: (b_p, window) pairs whose worker dies."""
+
+    noisy: tuple[int, ...] = (5,)
+    dies_on: tuple[tuple[int, int], ...] = ()
+    late_after_trial: tuple[int, ...] = ()  # b_p whose later windows find the worker late
+    ran: list[TrialConfig] = field(default_factory=list)
+
+    def baseline(self) -> Baseline:
+        return Baseline(0.010, 0.020, "fake cores 0,1")
+
+    def run(self, config: TrialConfig) -> Measurement:
+        self.ran.append(config)
+        b = config.perturbation_batch_size
+        window = sum(c == config for c in self.ran)  # 1: the trial, 2...: its confirmation
+        if (b, window) in self.dies_on:
+            raise WorkerError(f"perturbation worker died (pid 4242, signal 9) at b_p={b}\ntraceback")
+        if b == 6 or (b in self.late_after_trial and window > 1):
+            return Measurement(0.0130, 0.0002, 0.0030, 0.012, 20)
+        step = 0.0110 if (b in self.noisy and window == 1) else 0.0101
+        return Measurement(step, 0.0001, 0.0001, 0.006, 20)
+
+
+def _noisy_study(runner: NoisyRunner, rounds: int) -> tuple[Plan, SearchSpace, StudyResult]:
+    plan = cpu_plan(6)
+    space = SearchSpace.from_plan(plan, usable_cores=2)
+    result = run_study(space, runner, margin=MARGIN, n_trials=10, planned=TrialConfig("cpu", 1, 1, 2),
+                       sampler=brute_force(), confirm_rounds=rounds)
+    return plan, space, result
+
+
+def _trial_of(result: StudyResult, b_p: int) -> int:
+    return next(o.number for o in result.outcomes if o.config.perturbation_batch_size == b_p)
+
+
+def test_a_noisy_first_window_misleads_the_study_and_its_confirmation_finds_the_truth(tmp_path):
+    # Without confirmation, b_p 5's one slow window (11 ms: 1.10x SGD) loses it to b_p 4.
+    _, _, single = _noisy_study(NoisyRunner(), rounds=0)
+    assert single.choice.outcome.config.perturbation_batch_size == 4 and single.confirmation is None
+
+    runner = NoisyRunner()
+    plan, space, result = _noisy_study(runner, rounds=2)
+    chosen = result.choice.outcome
+    assert chosen.config.perturbation_batch_size == 5 and result.choice.within_margin
+    assert chosen.number == _trial_of(result, 5)
+    # Pooled: the median of 11.0, 10.1 and 10.1 ms; the steps of the three windows add up.
+    assert chosen.measurement == Measurement(0.0101, 0.0001, 0.0001, 0.006, 60)
+    confirmation = result.confirmation
+    assert confirmation.confirmed and confirmation.changed
+    assert confirmation.study_choice.outcome.config.perturbation_batch_size == 4
+    assert [(r.finalist.outcome.config.perturbation_batch_size, r.finalist.roles) for r in confirmation.runs] == \
+        [(4, ("study_choice",)), (2, ("cost_model",)), (5, ("larger_b_p",))]
+    # Confirmation windows are not trials: the study holds its six.
+    assert len(result.outcomes) == 6 and result.new_trials == 6
+
+    tuned = tuned_plan(plan, space, result, margin=MARGIN, usable_core_ids=(0, 1))
+    assert tuned.perturbation_batch_size == 5 and tuned.predictions.asam_step_s == 0.0101  # pooled, not 11 ms
+    assert "60 steps (medians over the trial's window and 2 confirmation window(s))" in tuned.notes[1]
+    record = tuning_record(plan, tuned, result, margin=MARGIN, steps=20, warmup=5, min_trial_seconds=3.0,
+                           confirm_rounds=2)
+    assert record.chosen_trial == _trial_of(result, 5)
+    assert record.verdict.endswith(f"; confirmation changed the choice from trial {_trial_of(result, 4)} "
+                                   f"(main 1t + cpu/1t, b_p=4)")
+    assert "judged on medians pooled over the trial and 2 confirmation round(s) of 3 finalist(s)" in record.verdict
+    log = {c.perturbation_batch_size: c for c in record.confirmation}
+    assert [r.step_time_s for r in log[5].rounds] == [0.0101, 0.0101]
+    assert (log[5].step_time_s, log[5].steps, log[5].hidden, log[5].within_margin) == (0.0101, 60, True, True)
+    assert record.trial(log[5].trial).step_time_s == 0.0110  # the trial keeps its own window
+    assert (record.min_trial_seconds, record.confirm_rounds) == (3.0, 2)
+    dump_record(record, tmp_path / "t.tuning.json")
+    assert load_record(Tuning, tmp_path / "t.tuning.json") == record
+
+    text = _rendered(record)
+    for expected in ("Confirmation: the finalists measured again in alternation (2 round(s))",
+                     "next larger b_p", "study's choice", "11.00", "10.10 / 10.10", "2 round(s) of 3 finalist(s)",
+                     "at least 20 timed steps and 3 s of them after 5 warm-up"):
+        assert expected in text, expected
+
+
+def test_finalists_alternate_round_after_round():
+    runner = NoisyRunner()
+    result = _noisy_study(runner, rounds=3)[2]
+    assert [c.perturbation_batch_size for c in runner.ran[6:]] == [4, 2, 5] * 3
+    assert [len(r.rounds) for r in result.confirmation.runs] == [3, 3, 3]
+
+
+def test_a_failing_confirmation_is_recorded_and_its_finalist_dropped():
+    # b_p 5's worker dies in its first confirmation window (its second window in all).
+    runner = NoisyRunner(dies_on=((5, 2),))
+    plan, space, result = _noisy_study(runner, rounds=2)
+    assert [c.perturbation_batch_size for c in runner.ran[6:]] == [4, 2, 5, 4, 2]  # not tried again
+    failed = result.confirmation.runs[2]
+    assert failed.error == "WorkerError: perturbation worker died (pid 4242, signal 9) at b_p=5"
+    assert failed.pooled is None and failed.rounds == ()
+    assert result.choice.outcome.config.perturbation_batch_size == 4 and not result.confirmation.changed
+
+    tuned = tuned_plan(plan, space, result, margin=MARGIN, usable_core_ids=(0, 1))
+    assert 5 not in [a.perturbation_batch_size for a in tuned.alternatives]  # it failed: no alternative
+    record = tuning_record(plan, tuned, result, margin=MARGIN, steps=20, warmup=5, confirm_rounds=2)
+    assert record.verdict.endswith("; confirmation kept the study's choice")
+    dropped = record.confirmation[2]
+    assert dropped.error.startswith("WorkerError") and dropped.step_time_s is None and dropped.hidden is None
+    assert "dropped: WorkerError: perturbation worker died" in _rendered(record)
+    assert "2 round(s) of 3 finalist(s) in alternation, 1 failed" in _rendered(record)
+
+
+def test_when_no_finalist_is_confirmed_the_studys_choice_stands_and_says_so():
+    # Every finalist's worker dies in confirmation: the command still writes the study's choice.
+    dead = NoisyRunner(dies_on=((4, 2), (2, 2), (5, 2)))
+    plan, space, result = _noisy_study(dead, rounds=2)
+    assert not result.confirmation.confirmed and result.choice.outcome.config.perturbation_batch_size == 4
+    assert result.choice.reason.endswith("; not confirmed (every finalist's confirmation failed): "
+                                         "the study's choice stands on its trial")
+    tuned = tuned_plan(plan, space, result, margin=MARGIN, usable_core_ids=(0, 1))
+    record = tuning_record(plan, tuned, result, margin=MARGIN, steps=20, warmup=5, confirm_rounds=2)
+    assert record.chosen_trial == _trial_of(result, 4) and "confirmation kept" not in record.verdict
+    # Once pooled, every finalist turns out late (2 of its 3 windows): none is confirmed.
+    late = NoisyRunner(noisy=(), late_after_trial=(1, 2, 3, 4, 5))
+    result = _noisy_study(late, rounds=2)[2]
+    assert not result.confirmation.confirmed
+    assert "no finalist hid the perturbation once pooled" in result.choice.reason
+
+
+def test_finalists_are_one_per_configuration_and_none_without_a_choice():
+    chosen = outcome(0, 16, 0.0101, 0.0001)
+    same_config_again = outcome(1, 16, 0.0102, 0.0001)
+    choice = choose([chosen], 0.010, MARGIN)
+    assert [(f.outcome.number, f.roles) for f in finalists([chosen, same_config_again], [chosen], choice, 1,
+                                                           MARGIN)] == [(0, ("study_choice", "cost_model"))]
+    late_plan = outcome(2, 8, 0.013, 0.003)  # the cost model's trial, not hidden: no finalist
+    assert [f.outcome.number for f in finalists([chosen, late_plan], [chosen], choice, 2, MARGIN)] == [0]
+    assert finalists([late_plan], [], choose([late_plan], 0.010, MARGIN), 2, MARGIN) == []
+    # Each field's median over the windows (not one window's values); the steps add up.
+    windows = [Measurement(0.012, 0.001, 0.0002, 0.005, 30), Measurement(0.010, 0.003, 0.0001, 0.004, 40),
+               Measurement(0.011, 0.002, 0.0004, 0.003, 50)]
+    assert pool(windows) == Measurement(0.011, 0.002, 0.0002, 0.004, 120)
+    assert pool(windows[:2]).step_time_s == pytest.approx(0.011)
+
+
+def test_run_study_refuses_negative_confirmation_rounds():
+    with pytest.raises(UserInputError, match=r"Invalid confirmation rounds: -1 \(expected an integer >= 0\)"):
+        _noisy_study(NoisyRunner(), rounds=-1)
+
+
+class FakeClock:
+    """Seconds that pass only when a simulated step says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_trial_times_its_steps_and_goes_on_until_its_seconds_have_passed():
+    batches = ["a", "b", "c"]
+    clock = FakeClock()
+
+    def window(length: TrialLength, step_s: float) -> list[str]:
+        taken = []
+        for batch in timed_batches(batches, length, clock):
+            taken.append(batch)
+            clock.now += step_s  # the step runs
+        return taken
+
+    # 10 ms steps: 3 steps are 30 ms; 0.5 s takes 50 timed steps, after 2 warm-up ones.
+    assert len(window(TrialLength(3, 2, 0.5), 0.010)) == 52
+    # Slow steps: the step count is the floor, not the seconds.
+    assert len(window(TrialLength(3, 2, 0.5), 1.0)) == 5
+    assert len(window(TrialLength(3, 0, 0.0), 0.010)) == 3
+    # A clock that never moves stops at the cap, 50x the steps; the batches are cycled, not copied.
+    stuck = window(TrialLength(4, 1, 3.0), 0.0)
+    assert len(stuck) == 1 + 50 * 4 == 1 + TrialLength(4, 1, 3.0).max_steps
+    assert stuck[:7] == ["a", "b", "c", "a", "b", "c", "a"]
+    for bad, message in [((2, 0, 0.0), "need at least 3 timed steps"), ((3, -1, 0.0), "expected >= 0"),
+                         ((3, 0, -1.0), "Invalid minimum trial seconds: -1.0"),
+                         ((3, 0, float("nan")), "Invalid minimum trial seconds: nan")]:
+        with pytest.raises(UserInputError, match=message):
+            TrialLength(*bad)
+    assert TrialLength(20, 5, 3.0).max_steps == 1000
+
+
+@dataclass
+class ClockedRunner:
+    """Times its windows with the real rule on a simulated clock: each step takes 10 ms."""
+
+    length: TrialLength
+    clock: FakeClock = field(default_factory=FakeClock)
+
+    def _window(self, step_s: float) -> list[float]:
+        times = []
+        for index, _batch in enumerate(timed_batches([object()], self.length, self.clock)):
+            self.clock.now += step_s
+            if index >= self.length.warmup:
+                times.append(step_s)
+        return times
+
+    def baseline(self) -> Baseline:
+        return Baseline(statistics.median(self._window(0.010)), statistics.median(self._window(0.019)), "fake")
+
+    def run(self, config: TrialConfig) -> Measurement:
+        times = self._window(0.0101)
+        return Measurement(statistics.median(times), 0.0, 0.0001, 0.004, len(times))
+
+
+def test_measurement_steps_report_what_a_time_based_window_timed():
+    plan = cpu_plan(6)
+    space = SearchSpace.from_plan(plan, usable_cores=2)
+    runner = ClockedRunner(TrialLength(steps=5, warmup=2, min_seconds=0.2))
+    result = run_study(space, runner, margin=MARGIN, n_trials=2, sampler=brute_force(), confirm_rounds=1)
+    assert {o.measurement.steps for o in result.outcomes} == {20}  # 0.2 s of 10.1 ms steps, not 5
+    assert result.confirmation.runs[0].rounds[0].steps == 20 and result.choice.outcome.measurement.steps == 40
+    record = tuning_record(plan, tuned_plan(plan, space, result, margin=MARGIN, usable_core_ids=None), result,
+                           margin=MARGIN, steps=5, warmup=2, min_trial_seconds=0.2, confirm_rounds=1)
+    assert {t.steps for t in record.trials} == {20} and record.confirmation[0].steps == 40
+
+
+def test_a_tuning_record_written_before_confirmation_loads_and_is_written_back_as_it_was():
+    for path in sorted(Path(__file__).parents[2].glob("docs/results/*.tuning.json")):
+        text = path.read_text()
+        record = load_record(Tuning, path)
+        assert (record.confirmation, record.confirm_rounds, record.min_trial_seconds) == (None, None, None)
+        assert all(t.steps is None for t in record.trials)
+        assert record.to_json() + "\n" == text
+        document = json.loads(text)
+        assert parse_record(Tuning, {**document, "confirmation": None}).content_hash() == record.content_hash()
+        assert render_tuning(record) and "Confirmation" not in _rendered(record)
+
+
+def test_a_confirmation_log_is_strict():
+    base = {"trial": 0, "roles": ["study_choice"], "perturbation": "cpu", "perturbation_batch_size": 4}
+    pooled = {"step_time_s": 0.01, "wait_s": 0.0, "worker_time_s": 0.004, "hidden": True, "within_margin": True}
+    assert parse_record(ConfirmationLog, {**base, **pooled}).hidden
+    for document, message in [({**base}, "needs step_time_s"), ({**base, **pooled, "error": "x"}, "no pooled values"),
+                              ({**base, **pooled, "roles": []}, r"\$\.roles"),
+                              ({**base, **pooled, "roles": ["lucky"]}, r"\$\.roles\[0\]")]:
+        with pytest.raises(RecordError, match=message):
+            parse_record(ConfirmationLog, document)
 
 
 # ----------------------------------------------------------------------------- records and tables
@@ -344,6 +603,21 @@ def test_parser_flags_and_paths(tmp_path):
             _parser().parse_args(bad)
     assert tuning_record_path("out/t.json").as_posix() == "out/t.tuning.json"
     assert default_storage(tmp_path / "t.json") == f"sqlite:///{tmp_path / 't.study.db'}"
+    assert (args.min_trial_seconds, args.confirm_rounds) == (3.0, 2)  # the defaults
+    args = _parser().parse_args(["tune", "--plan", "p", "-o", "x", "--min-trial-seconds", "0", "--confirm-rounds", "0"])
+    assert (args.min_trial_seconds, args.confirm_rounds) == (0.0, 0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-trial-seconds", "-1"], "argument --min-trial-seconds: expected a number >= 0, got '-1'"),
+    (["--min-trial-seconds", "inf"], "argument --min-trial-seconds: expected a number >= 0, got 'inf'"),
+    (["--confirm-rounds", "-2"], "argument --confirm-rounds: expected an integer >= 0, got '-2'"),
+    (["--confirm-rounds", "1.5"], "argument --confirm-rounds: expected an integer >= 0, got '1.5'"),
+])
+def test_bad_trial_length_and_confirmation_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["tune", "--plan", "p", "-o", "x"] + flags)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
 def test_user_mistakes_are_one_line_errors_before_any_measurement(tmp_path):
@@ -362,4 +636,17 @@ def test_user_mistakes_are_one_line_errors_before_any_measurement(tmp_path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 run_tune(_parser().parse_args(base + extra))
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_a_namespace_built_in_code_is_checked_like_the_command_line(tmp_path):
+    dump_record(cpu_plan(32), tmp_path / "plan.json")
+    for name, value, message in [("min_trial_seconds", -1.0, r"Invalid --min-trial-seconds: -1.0 \(expected a number"),
+                                 ("min_trial_seconds", float("nan"), "Invalid --min-trial-seconds: nan"),
+                                 ("confirm_rounds", -1, r"Invalid --confirm-rounds: -1 \(expected an integer >= 0\)")]:
+        args = _parser().parse_args(["tune", "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "t.json"),
+                                     "--allow-other-machine"])
+        setattr(args, name, value)
+        with pytest.raises(UserInputError, match=message):
+            run_tune(args)
     assert not (tmp_path / "t.json").exists()
