@@ -8,7 +8,7 @@ same rule (``selection.choose``) from each finalist's pooled measurement: the me
 trial's window and every confirmation window.
 
 The finalists: the study's choice; the cost model's trial (the enqueued first one) when it
-differs and hid the perturbation; the front point with the next larger b_p than the chosen
+differs and completed, hidden in its own window or not; the front point with the next larger b_p than the chosen
 one, if any (the point the choice most likely lost to noise). Confirmation windows are not
 Optuna trials: the study keeps what its sampler saw, and a resumed study confirms afresh.
 """
@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from asam_tune.tune.selection import Choice, Measurement, Outcome, choose, is_hidden, is_within_margin
+from asam_tune.tune.selection import Choice, Measurement, Outcome, choose, is_within_margin
 
 STUDY_CHOICE, COST_MODEL, LARGER_B_P = "study_choice", "cost_model", "larger_b_p"
 
@@ -92,7 +92,9 @@ def finalists(outcomes: Sequence[Outcome], front: Sequence[Outcome], choice: Cho
         return []
     candidates: list[tuple[Outcome, str]] = [(chosen, STUDY_CHOICE)]
     planned = next((o for o in outcomes if o.number == planned_trial), None)
-    if planned is not None and planned.complete and is_hidden(planned.measurement, margin):
+    if planned is not None and planned.complete:
+        # Even when its own window was late: the plan is what a user runs without tuning, and one
+        # late window is the kind of noise confirmation exists for (pooling re-judges it).
         candidates.append((planned, COST_MODEL))
     larger = [o for o in front if o.config.perturbation_batch_size > chosen.config.perturbation_batch_size]
     if larger:

@@ -409,8 +409,10 @@ def test_finalists_are_one_per_configuration_and_none_without_a_choice():
     choice = choose([chosen], 0.010, MARGIN)
     assert [(f.outcome.number, f.roles) for f in finalists([chosen, same_config_again], [chosen], choice, 1,
                                                            MARGIN)] == [(0, ("study_choice", "cost_model"))]
-    late_plan = outcome(2, 8, 0.013, 0.003)  # the cost model's trial, not hidden: no finalist
-    assert [f.outcome.number for f in finalists([chosen, late_plan], [chosen], choice, 2, MARGIN)] == [0]
+    late_plan = outcome(2, 8, 0.013, 0.003)  # the cost model's trial, late in its own window: still a finalist
+    assert [f.outcome.number for f in finalists([chosen, late_plan], [chosen], choice, 2, MARGIN)] == [0, 2]
+    failed_plan = Outcome(3, "fail", TrialConfig("cpu", 1, 1, 8), error="WorkerError: gone")  # no numbers: not one
+    assert [f.outcome.number for f in finalists([chosen, failed_plan], [chosen], choice, 3, MARGIN)] == [0]
     assert finalists([late_plan], [], choose([late_plan], 0.010, MARGIN), 2, MARGIN) == []
     # Each field's median over the windows (not one window's values); the steps add up.
     windows = [Measurement(0.012, 0.001, 0.0002, 0.005, 30), Measurement(0.010, 0.003, 0.0001, 0.004, 40),
