@@ -65,32 +65,34 @@ def profile_tables(profile: Profile) -> list[Table]:
     tables.append(points)
 
     if profile.transfers:
-        transfers = Table(title="Transfers (parameters out, perturbation back)")
-        for column in ("from", "to", "MB", "pinned", "out ms", "back ms"):
-            transfers.add_column(column)
-        for t in profile.transfers:
-            transfers.add_row(t.source, t.target, f"{t.parameter_bytes / 1e6:.2f}", str(t.pinned),
-                              _ms(t.to_target.median_s), _ms(t.to_source.median_s))
-        tables.append(transfers)
+        tables.append(_table("Transfers (parameters out, perturbation back)",
+                             ("from", "to", "MB", "pinned", "out ms", "back ms"),
+                             [(t.source, t.target, f"{t.parameter_bytes / 1e6:.2f}", str(t.pinned),
+                               _ms(t.to_target.median_s), _ms(t.to_source.median_s)) for t in profile.transfers]))
     if profile.contention:
-        contention = Table(title="Contention (main step while the other device is busy)")
-        for column in ("main", "busy", "batch", "alone ms", "while busy ms", "slowdown"):
-            contention.add_column(column)
-        for c in profile.contention:
-            contention.add_row(_placed(c.main, c.main_cores), _placed(c.busy, c.busy_cores), str(c.batch_size),
-                               _ms(c.main_alone.median_s), _ms(c.main_while_busy.median_s), f"{c.slowdown:.2f}x")
+        contention = _table("Contention (main step while the other device is busy)",
+                            ("main", "busy", "batch", "alone ms", "while busy ms", "slowdown"),
+                            [(_placed(c.main, c.main_cores), _placed(c.busy, c.busy_cores), str(c.batch_size),
+                              _ms(c.main_alone.median_s), _ms(c.main_while_busy.median_s), f"{c.slowdown:.2f}x")
+                             for c in profile.contention])
         if any(c.main_cores is not None or c.busy_cores is not None for c in profile.contention):
             contention.caption = "'on': the cores each probe ran on"
         tables.append(contention)
     if profile.handovers:
-        handovers = Table(title="Handover to a CPU worker process (main process's cost per step)")
-        for column in ("main", "worker", "ms", "IQR ms"):
-            handovers.add_column(column)
-        for h in profile.handovers:
-            handovers.add_row(h.main, h.perturbation, f"{h.per_step.median_s * 1e3:.3f}",
-                              f"{h.per_step.iqr_s * 1e3:.3f}")
-        tables.append(handovers)
+        tables.append(_table("Handover to a CPU worker process (main process's cost per step)",
+                             ("main", "worker", "ms", "IQR ms"),
+                             [(h.main, h.perturbation, f"{h.per_step.median_s * 1e3:.3f}",
+                               f"{h.per_step.iqr_s * 1e3:.3f}") for h in profile.handovers]))
     return tables
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def print_tables(tables: list[Table], console: Console | None = None) -> None:
