@@ -46,7 +46,7 @@ from asam_tune.cli import args as types
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.runtime import AsyncSAM
-from asam_tune.runtime.affinity import can_pin
+from asam_tune.affinity import can_pin
 from asam_tune.runtime.perturbation import ascent_perturbation
 from asam_tune.workloads import Workload, load_workload
 

@@ -43,3 +43,9 @@ class RhoRule(Record):
 
 
 NO_RHO_RULE = RhoRule(kind="none", source="rho_rule='none': rho stays the same at every b_p")
+
+# The project's default rule, from its own measurements (docs/peers.md). Provisional values
+# from the first MNIST-1D measurements until those land: best rho 0.45 at b_p/B = 1, about 0.6
+# at 1/4 and 0.8 at 1/16 (a ~ 0.2); the cap keeps rho from the collapse seen at 2x.
+DEFAULT_RHO_RULE = RhoRule(kind="power", exponent=0.2, max_factor=2.0,
+                           source="provisional: first MNIST-1D measurements (30% label noise, 2-3 seeds)")

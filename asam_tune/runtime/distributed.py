@@ -13,7 +13,7 @@ Both concerns apply only when a process group of several ranks is initialised:
   with one all_reduce of one int per step, at a fixed point of the step.
 
 The perturbation itself stays rank-local: the worker is a separate process whose launcher
-variables are stripped before torch loads (``affinity.boot_worker``); it never joins the process
+variables are stripped before torch loads (``perturbers/process_child.boot``); it never joins the process
 group, and its replica is DDP's inner module, so the ascent pass triggers no collective.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from asam_tune.errors import UserInputError
-from asam_tune.runtime import affinity
+from asam_tune import affinity
 
 __all__ = ["FailureAgreement", "RankCores", "RankPlacement", "default_main_cores", "divide_cores",
            "node_id", "place_rank", "process_group_of", "rank_cores"]

@@ -17,7 +17,7 @@ import torch
 
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.records.plan import Plan
-from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+from asam_tune.affinity import allowed_cores, can_pin, pin_process
 
 
 def main_placement(plan: Plan) -> tuple[torch.device, tuple[int, ...], int]:

@@ -21,7 +21,7 @@ from asam_tune.bench.speed import DISTINCT_BATCHES, synthetic_batches, time_sam,
 from asam_tune.runtime.placement import place
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.records.plan import Plan
-from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+from asam_tune.affinity import allowed_cores, can_pin, pin_process
 from asam_tune.tune.selection import Measurement
 from asam_tune.tune.space import SearchSpace, TrialConfig
 from asam_tune.timing import summarize

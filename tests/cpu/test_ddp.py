@@ -295,7 +295,8 @@ def _scripted(model, rank: int, script):
 def _train_rank(rank: int, *, staleness=1, kill_after=None, on_failure="fallback", script=None) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    from asam_tune.runtime import AsyncSAM, affinity
+    from asam_tune import affinity
+    from asam_tune.runtime import AsyncSAM
 
     model = DistributedDataParallel(bn_convnet())
     shard = [(x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK])

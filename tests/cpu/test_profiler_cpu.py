@@ -22,7 +22,7 @@ from asam_tune.profiler.run import _handovers, _Layout, _Progress, _sweep_in_pro
 from asam_tune.profiler.sweep import sweep
 from asam_tune.records import Profile, dump_record, load_record
 from asam_tune.records.profile import DeviceConfig
-from asam_tune.runtime import affinity
+from asam_tune import affinity
 from asam_tune.timing import MeasureSettings, PerfClock
 from asam_tune.workloads import Workload, load_workload, model_state_fingerprint
 
