@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import signal
 import time
+import traceback
 from collections.abc import Callable, Mapping
 
 import torch
 
 from asam_tune.errors import WorkerError
 from asam_tune.perturbers.ascent import ascent_perturbation, parameters_at, seeded
-from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase
+from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase, remote_error_name
 from asam_tune.perturbers.replica import replica_on
 from asam_tune.perturbers.state_sync import ReplicaSync
 
@@ -52,6 +53,7 @@ class FakePerturber(PerturberBase):
         self.pid = None
         self._result: PerturbationResult | None = None
         self._fault: str | None = None
+        self._error: tuple[BaseException, str] | None = None
         self._submitted_clock = 0.0
 
     def submit(self, job: AscentJob) -> None:
@@ -65,9 +67,13 @@ class FakePerturber(PerturberBase):
         with torch.no_grad():
             for p, w in zip(self.params, job.weights):
                 p.copy_(w)
-        with seeded(job.seed), torch.enable_grad():
-            e = ascent_perturbation(self.replica, self.task.compute_loss, job.batch, self.params, job.rho,
-                                    adaptive=self.task.adaptive)
+        try:
+            with seeded(job.seed), torch.enable_grad():
+                e = ascent_perturbation(self.replica, self.task.compute_loss, job.batch, self.params, job.rho,
+                                        adaptive=self.task.adaptive)
+        except Exception as exc:  # noqa: BLE001 - reported at collect(), as a worker would
+            self._error = (exc, traceback.format_exc())
+            e = None
         ended = time.perf_counter()
         if fault == "nan":
             e = None
@@ -97,6 +103,12 @@ class FakePerturber(PerturberBase):
         if fault == "raise":
             raise WorkerError(f"fake perturbation worker raised RuntimeError: scripted (step {step})",
                               remote_traceback="Traceback (most recent call last):\nRuntimeError: scripted\n")
+        error, self._error = self._error, None
+        if error is not None:
+            exc, tb = error
+            text = " ".join(str(exc).splitlines())
+            raise WorkerError(f"fake perturbation worker raised {remote_error_name(exc)}: {text} (step {step})",
+                              remote_traceback=tb)
         return result
 
     def close(self) -> None:

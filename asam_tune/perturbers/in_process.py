@@ -20,13 +20,6 @@ from asam_tune.perturbers.weights import WeightSwap
 __all__ = ["InProcessPerturber"]
 
 
-def _version(t: torch.Tensor) -> object:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: assume it was written
-        return object()
-
-
 class InProcessPerturber(PerturberBase):
     """Computes each job at ``submit``, in the caller's thread; ``collect`` hands the result over."""
 
@@ -48,9 +41,9 @@ class InProcessPerturber(PerturberBase):
             swap.keep()
             with torch.no_grad():
                 torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(job.weights, params)])
-        buffers = list(model.buffers())
+        # All of them: BatchNorm's kernel writes its statistics without bumping their versions.
+        buffers = [b for b in model.buffers()]
         saved = [b.detach().clone() for b in buffers]
-        versions = [_version(b) for b in buffers]
         device = params[0].device if params else None
         started = time.perf_counter()
         try:
@@ -59,9 +52,8 @@ class InProcessPerturber(PerturberBase):
                                         adaptive=self.task.adaptive)
         finally:
             with torch.no_grad():
-                for b, kept, version in zip(buffers, saved, versions):
-                    if _version(b) != version:
-                        b.copy_(kept)
+                for b, kept in zip(buffers, saved):
+                    b.copy_(kept)
             if swap is not None:
                 swap.restore()
         ended = time.perf_counter()

@@ -8,7 +8,7 @@ Messages, parent -> worker (see ``process_parent.py`` for the other side):
   ("buffers", weights, perturbation, frozen, buffers)   flat shared tensors, one per dtype each
   ("inputs", leaves)                                     shared tensors, one per batch leaf
   ("spec", spec)                                         the batch structure (batches.flatten)
-  ("job", step, rho, seed, rows, buffer_indices, modes)  compute the ascent serving ``step``
+  ("job", step, rho, seed, rows, modes)                  compute the ascent serving ``step``
   ("info",)  ("stop",)
 Worker -> parent: ("ready", info) | ("start_error", type, message, traceback) once, then per
 job ("done", step, finite, seconds, started_at, ended_at) | ("error", step, type, message,
@@ -16,8 +16,8 @@ traceback), and ("info", info) on request.
 
 The replica's perturbed and frozen parameters are views of the shared buffers: the parent's
 writes are what the next job reads, with no copy here. Buffers are the replica's own tensors:
-its forward writes them (BatchNorm's running statistics), so before each job the ones the main
-model changed, and the ones this replica wrote, are copied back from the shared values.
+its forward writes them (BatchNorm's running statistics), so before each job the main model's
+values, which the parent writes with every job, are copied into them.
 """
 from __future__ import annotations
 
@@ -116,12 +116,8 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
     info["layouts"] = [layout.signature() for layout in layouts]
     conn.send(("ready", info))
 
-    def version(t):
-        return (t.data_ptr(), t._version)
-
     perturbation: list[torch.Tensor] = []
     shared_buffers: list[torch.Tensor] = []
-    written: list[tuple] = []
     leaves: list[torch.Tensor] = []
     spec = None
     while True:
@@ -141,7 +137,6 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
             with torch.no_grad():
                 for p, w in zip([*params, *frozen], [*weight_views, *frozen_views]):
                     p.data = w  # the replica reads the shared weights in place: no copy per step
-            written = [version(b) for b in buffers]
         elif tag == "inputs":
             leaves = list(message[1])
         elif tag == "spec":
@@ -149,17 +144,14 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
         elif tag == "info":
             conn.send(("info", _worker_info(model, cores, torch_loaded_before_setup)))
         elif tag == "job":
-            _, step, rho, seed, rows, buffer_indices, modes = message
+            _, step, rho, seed, rows, modes = message
             started = time.perf_counter()
             try:
                 if modes is not None:
                     apply_modes(model, modes)
-                dirty = set(buffer_indices)
-                dirty.update(i for i, b in enumerate(buffers) if version(b) != written[i])
-                with torch.no_grad():
-                    for i in sorted(dirty):
-                        buffers[i].copy_(shared_buffers[i])
-                written = [version(b) for b in buffers]
+                if buffers:
+                    with torch.no_grad():
+                        torch._foreach_copy_(buffers, shared_buffers)
                 batch = unflatten(spec, [leaf if n is None else leaf[:n] for leaf, n in zip(leaves, rows)])
                 with seeded(seed), torch.enable_grad():
                     e = ascent_perturbation(model, compute_loss, batch, params, rho, adaptive=adaptive)

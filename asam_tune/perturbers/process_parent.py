@@ -61,6 +61,14 @@ def _dumps(obj: object, what: str) -> bytes:
         raise WorkerError(f"cannot send {what} to the perturbation worker: {type(exc).__name__}: {exc}") from exc
 
 
+def _cpu_replica(model: torch.nn.Module) -> torch.nn.Module:
+    try:
+        return replica_on(model, "cpu")
+    except Exception as exc:  # noqa: BLE001 - deepcopy fails where pickling would
+        raise WorkerError(f"cannot send the model to the perturbation worker: it cannot be copied: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
 class _WorkerHandle:
     """What shutting the worker down needs; kept apart from the perturber for weakref.finalize."""
@@ -211,7 +219,7 @@ class ProcessPerturber(PerturberBase):
         try:
             # The tracker starts from the state the replica is pickled with.
             self._tracker = StateTracker(model, task.perturbed)
-            payload = (_dumps(replica_on(model, "cpu"), "the model"), _dumps(task.compute_loss, "the loss"),
+            payload = (_dumps(_cpu_replica(model), "the model"), _dumps(task.compute_loss, "the loss"),
                        tuple(task.perturbed), bool(task.adaptive))
             weights, perturbation, state = self._layouts
             check_shared_memory(2 * weights.nbytes + state.nbytes + perturbation.nbytes)
@@ -380,15 +388,15 @@ class ProcessPerturber(PerturberBase):
             if tuple(w.shape) != shape or w.dtype != dtype:
                 raise UserInputError(f"Invalid weights[{i}]: {w.dtype} {tuple(w.shape)}, expected {dtype} {shape}")
 
-    def _write_state(self) -> tuple[tuple[int, ...], tuple[bool, ...] | None]:
-        """Copy the other parameters and buffers the main model changed; what the job message says."""
+    def _write_state(self) -> tuple[bool, ...] | None:
+        """Copy the other parameters the main model changed, and every buffer; the new modes, if any."""
         changes = self._tracker.changes()
         with torch.no_grad():
             for i in changes.params:
                 self._frozen_views[i].copy_(self._tracker.params[i].detach())
-            for i in changes.buffers:
-                self._buffer_views[i].copy_(self._tracker.buffers[i].detach())
-        return changes.buffers, changes.modes
+            if self._buffer_views:
+                torch._foreach_copy_(self._buffer_views, [b.detach() for b in self._tracker.buffers])
+        return changes.modes
 
     def _write_batch(self, batch) -> list[int | None]:
         leaves, spec = flatten(batch)
@@ -460,10 +468,10 @@ class ProcessPerturber(PerturberBase):
             self._perturbation_read.synchronize()
             self._perturbation_read = None
         self._write_weights(job.weights)
-        buffer_indices, modes = self._write_state()
+        modes = self._write_state()
         rows = self._write_batch(job.batch)
         self._main_device = job.weights[0].device if len(job.weights) else torch.device("cpu")
-        self._send(("job", job.step, float(job.rho), int(job.seed), rows, buffer_indices, modes),
+        self._send(("job", job.step, float(job.rho), int(job.seed), rows, modes),
                    f"when sent step {job.step}")
         self._started(job.step)
         self._handle.busy = True

@@ -3,15 +3,18 @@
 The ascent differentiates the function the main step trains, so a replica needs, besides the
 perturbed weights (sent with every job), the model's other parameters (frozen ones, ones the
 optimizer does not hold), its buffers (BatchNorm statistics, masks) and every module's
-train/eval mode. Those change rarely: a checkpoint loaded after the worker started, a
-BatchNorm frozen with ``.eval()``, a running statistic in train mode. ``StateTracker`` tells
-which changed since it last looked, from tensor version counters (bumped by every in-place
-write, ``load_state_dict`` included) and storage pointers, and from a mode signature; nothing
-is compared by value and nothing is copied when nothing changed.
+train/eval mode.
 
-A replica's own forward also writes its buffers (BatchNorm's running statistics in train
-mode); those writes are the replica's, never the main model's, and are undone by copying the
-main model's values back before the next job (``ReplicaSync``).
+- Other parameters can be large (a frozen backbone) and change rarely (a checkpoint loaded
+  after the worker started). ``StateTracker`` tells which changed since it last looked, from
+  tensor version counters (bumped by every in-place write, ``load_state_dict`` included) and
+  storage pointers: nothing is compared by value and nothing is copied when nothing changed.
+  A write through ``.data`` bypasses the version counter and is not seen.
+- Module modes are compared as one tuple of flags.
+- Buffers travel with every job. They are small (statistics, index tables), and version
+  counters cannot follow them: BatchNorm's kernel updates its running statistics in train mode
+  without bumping their versions. A replica's own forward writes its copies too; sending the
+  main model's values each time undoes that as well.
 """
 from __future__ import annotations
 
@@ -64,18 +67,14 @@ def _version_key(t: torch.Tensor) -> tuple:
 @dataclass(frozen=True)
 class StateChanges:
     params: tuple[int, ...]  # indices into the not-perturbed parameters that changed
-    buffers: tuple[int, ...]  # indices into the buffers that changed
     modes: tuple[bool, ...] | None  # the new module modes, or None when unchanged
-
-    @property
-    def empty(self) -> bool:
-        return not self.params and not self.buffers and self.modes is None
 
 
 class StateTracker:
-    """What of the main model's other parameters, buffers and modes changed since the last ``changes()``.
+    """What of the main model's other parameters and modes changed since the last ``changes()``.
 
     Starts from the state at construction: the replica is built from the same state then.
+    ``buffers`` are the main model's buffers, which travel with every job.
     """
 
     def __init__(self, model: nn.Module, perturbed: Sequence[int]):
@@ -83,16 +82,14 @@ class StateTracker:
         self.perturbed = tuple(perturbed)
         self.params, self.buffers = other_tensors(model, self.perturbed)
         self._param_keys = [_version_key(t) for t in self.params]
-        self._buffer_keys = [_version_key(t) for t in self.buffers]
         self._modes = module_modes(model)
 
     def changes(self) -> StateChanges:
         params = self._changed(self.params, self._param_keys)
-        buffers = self._changed(self.buffers, self._buffer_keys)
         modes = module_modes(self.model)
         changed_modes = None if modes == self._modes else modes
         self._modes = modes
-        return StateChanges(params, buffers, changed_modes)
+        return StateChanges(params, changed_modes)
 
     @staticmethod
     def _changed(tensors: list[torch.Tensor], keys: list[tuple]) -> tuple[int, ...]:
@@ -115,27 +112,22 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 class ReplicaSync:
     """Brings a replica living in this process (fake worker, CUDA-stream worker) up to the main model.
 
-    ``sync(copy)`` copies what the main model changed and what the replica's own forward wrote
-    since the last sync, and sets the modes. ``copy(dst, src)`` lets a CUDA worker copy on its
-    own stream.
+    ``sync(copy)`` copies the other parameters the main model changed and every buffer, and
+    sets the modes. ``copy(dst, src)`` lets a CUDA worker copy on its own stream.
     """
 
     def __init__(self, model: nn.Module, replica: nn.Module, perturbed: Sequence[int]):
         self.tracker = StateTracker(model, perturbed)
         self.replica = replica
         self.params, self.buffers = other_tensors(replica, perturbed)
-        self._written = [_version_key(t) for t in self.buffers]
 
     def sync(self, copy: Copy = _copy) -> StateChanges:
         changes = self.tracker.changes()
         with torch.no_grad():
             for i in changes.params:
-                copy(self.params[i].data, self.tracker.params[i].detach())
-            dirty = set(changes.buffers)
-            dirty.update(i for i, t in enumerate(self.buffers) if _version_key(t) != self._written[i])
-            for i in sorted(dirty):
-                copy(self.buffers[i], self.tracker.buffers[i].detach())
+                copy(self.params[i], self.tracker.params[i].detach())
+            for dst, src in zip(self.buffers, self.tracker.buffers):
+                copy(dst, src.detach())
         if changes.modes is not None:
             apply_modes(self.replica, changes.modes)
-        self._written = [_version_key(t) for t in self.buffers]
         return changes
