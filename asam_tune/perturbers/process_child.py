@@ -8,16 +8,16 @@ Messages, parent -> worker (see ``process_parent.py`` for the other side):
   ("buffers", weights, perturbation, frozen, buffers)   flat shared tensors, one per dtype each
   ("inputs", leaves)                                     shared tensors, one per batch leaf
   ("spec", spec)                                         the batch structure (batches.flatten)
-  ("job", step, rho, seed, rows, modes)                  compute the ascent serving ``step``
+  ("job", step, rho, seed, rows, buffers, modes)         compute the ascent serving ``step``
   ("info",)  ("stop",)
 Worker -> parent: ("ready", info) | ("start_error", type, message, traceback) once, then per
 job ("done", step, finite, seconds, started_at, ended_at) | ("error", step, type, message,
 traceback), and ("info", info) on request.
 
 The replica's perturbed and frozen parameters are views of the shared buffers: the parent's
-writes are what the next job reads, with no copy here. Buffers are the replica's own tensors:
-its forward writes them (BatchNorm's running statistics), so before each job the main model's
-values, which the parent writes with every job, are copied into them.
+writes are what the next job reads, with no copy here. Buffers are the replica's own tensors
+(its forward writes them: BatchNorm's running statistics); before a job, the ones the parent
+says changed (state_sync.py) are copied into them from the shared values.
 """
 from __future__ import annotations
 
@@ -144,14 +144,14 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
         elif tag == "info":
             conn.send(("info", _worker_info(model, cores, torch_loaded_before_setup)))
         elif tag == "job":
-            _, step, rho, seed, rows, modes = message
+            _, step, rho, seed, rows, changed_buffers, modes = message
             started = time.perf_counter()
             try:
                 if modes is not None:
                     apply_modes(model, modes)
-                if buffers:
-                    with torch.no_grad():
-                        torch._foreach_copy_(buffers, shared_buffers)
+                with torch.no_grad():
+                    for i in changed_buffers:
+                        buffers[i].copy_(shared_buffers[i])
                 batch = unflatten(spec, [leaf if n is None else leaf[:n] for leaf, n in zip(leaves, rows)])
                 with seeded(seed), torch.enable_grad():
                     e = ascent_perturbation(model, compute_loss, batch, params, rho, adaptive=adaptive)

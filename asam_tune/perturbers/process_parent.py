@@ -388,15 +388,15 @@ class ProcessPerturber(PerturberBase):
             if tuple(w.shape) != shape or w.dtype != dtype:
                 raise UserInputError(f"Invalid weights[{i}]: {w.dtype} {tuple(w.shape)}, expected {dtype} {shape}")
 
-    def _write_state(self) -> tuple[bool, ...] | None:
-        """Copy the other parameters the main model changed, and every buffer; the new modes, if any."""
+    def _write_state(self) -> tuple[tuple[int, ...], tuple[bool, ...] | None]:
+        """Copy what of the model changed besides the weights; the buffers the worker must take, new modes."""
         changes = self._tracker.changes()
         with torch.no_grad():
             for i in changes.params:
                 self._frozen_views[i].copy_(self._tracker.params[i].detach())
-            if self._buffer_views:
-                torch._foreach_copy_(self._buffer_views, [b.detach() for b in self._tracker.buffers])
-        return changes.modes
+            for i in changes.buffers:
+                self._buffer_views[i].copy_(self._tracker.buffers[i].detach())
+        return changes.buffers, changes.modes
 
     def _write_batch(self, batch) -> list[int | None]:
         leaves, spec = flatten(batch)
@@ -468,10 +468,10 @@ class ProcessPerturber(PerturberBase):
             self._perturbation_read.synchronize()
             self._perturbation_read = None
         self._write_weights(job.weights)
-        modes = self._write_state()
+        buffers, modes = self._write_state()
         rows = self._write_batch(job.batch)
         self._main_device = job.weights[0].device if len(job.weights) else torch.device("cpu")
-        self._send(("job", job.step, float(job.rho), int(job.seed), rows, modes),
+        self._send(("job", job.step, float(job.rho), int(job.seed), rows, buffers, modes),
                    f"when sent step {job.step}")
         self._started(job.step)
         self._handle.busy = True

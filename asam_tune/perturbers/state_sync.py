@@ -3,18 +3,17 @@
 The ascent differentiates the function the main step trains, so a replica needs, besides the
 perturbed weights (sent with every job), the model's other parameters (frozen ones, ones the
 optimizer does not hold), its buffers (BatchNorm statistics, masks) and every module's
-train/eval mode.
+train/eval mode. Those change rarely: a checkpoint loaded after the worker started, a
+BatchNorm frozen with ``.eval()``. ``StateTracker`` tells what changed since it last looked:
 
-- Other parameters can be large (a frozen backbone) and change rarely (a checkpoint loaded
-  after the worker started). ``StateTracker`` tells which changed since it last looked, from
-  tensor version counters (bumped by every in-place write, ``load_state_dict`` included) and
-  storage pointers: nothing is compared by value and nothing is copied when nothing changed.
-  A write through ``.data`` bypasses the version counter and is not seen.
-- Module modes are compared as one tuple of flags.
-- Buffers travel with every job. They are small (statistics, index tables), and version
-  counters cannot follow them: BatchNorm's kernel updates its running statistics in train mode
-  without bumping their versions. A replica's own forward writes its copies too; sending the
-  main model's values each time undoes that as well.
+- parameters and buffers from their version counters (bumped by every in-place write,
+  ``load_state_dict`` included) and storage pointers: nothing is compared by value and
+  nothing is copied when nothing changed. A write through ``.data`` bypasses the counter and
+  is not seen;
+- modes from one tuple of flags. When any mode changes, every buffer is sent again: BatchNorm's
+  kernel writes its running statistics in train mode without bumping their versions (in the
+  main model and in the replica alike), and they only matter once the module is in eval mode,
+  which is exactly when they are sent again.
 """
 from __future__ import annotations
 
@@ -24,13 +23,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ReplicaSync", "StateChanges", "StateTracker", "apply_modes", "module_modes", "other_tensors",
-           "structure_key"]
+__all__ = ["ReplicaSync", "StateChanges", "StateTracker", "StructureWatch", "apply_modes", "module_modes",
+           "other_tensors", "structure_key"]
 
 
-def module_modes(model: nn.Module) -> tuple[bool, ...]:
-    """Every module's ``training`` flag, in ``model.modules()`` order (identical in a replica)."""
-    return tuple(m.training for m in model.modules())
+def module_modes(model: nn.Module | Sequence[nn.Module]) -> tuple[bool, ...]:
+    """Every module's ``training`` flag, in ``model.modules()`` order (identical in a replica).
+
+    A list of the modules, made once, saves walking the module tree at every job.
+    """
+    modules = model.modules() if isinstance(model, nn.Module) else model
+    return tuple(m.training for m in modules)
 
 
 def apply_modes(model: nn.Module, modes: Sequence[bool]) -> None:
@@ -44,6 +47,38 @@ def other_tensors(model: nn.Module, perturbed: Sequence[int]) -> tuple[list[torc
     wanted = set(perturbed)
     others = [p for i, p in enumerate(model.parameters()) if i not in wanted]
     return others, list(model.buffers())
+
+
+class StructureWatch:
+    """Notices, without walking the model, that a parameter, buffer or submodule was (re)assigned in it.
+
+    torch calls its global registration hooks on every such assignment (``module.weight =
+    ...``, ``load_state_dict(assign=True)``, a layer replaced); the hook only flags the ones
+    that hit this model's modules. ``close()`` removes the hooks.
+    """
+
+    def __init__(self, model: nn.Module):
+        from torch.nn.modules import module as registry
+
+        self.changed = False
+        self.watch(model)
+        self._handles = [registry.register_module_parameter_registration_hook(self._hook),
+                         registry.register_module_buffer_registration_hook(self._hook),
+                         registry.register_module_module_registration_hook(self._hook)]
+
+    def watch(self, model: nn.Module) -> None:
+        """Watch ``model``'s modules as they are now; clear the flag."""
+        self._ids = {id(m) for m in model.modules()}
+        self.changed = False
+
+    def _hook(self, module: nn.Module, name: str, value: object) -> None:
+        if id(module) in self._ids:
+            self.changed = True
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def structure_key(model: nn.Module, perturbed: Sequence[int]) -> tuple:
@@ -67,14 +102,14 @@ def _version_key(t: torch.Tensor) -> tuple:
 @dataclass(frozen=True)
 class StateChanges:
     params: tuple[int, ...]  # indices into the not-perturbed parameters that changed
+    buffers: tuple[int, ...]  # indices into the buffers to send
     modes: tuple[bool, ...] | None  # the new module modes, or None when unchanged
 
 
 class StateTracker:
-    """What of the main model's other parameters and modes changed since the last ``changes()``.
+    """What of the main model's other parameters, buffers and modes changed since the last ``changes()``.
 
     Starts from the state at construction: the replica is built from the same state then.
-    ``buffers`` are the main model's buffers, which travel with every job.
     """
 
     def __init__(self, model: nn.Module, perturbed: Sequence[int]):
@@ -82,14 +117,21 @@ class StateTracker:
         self.perturbed = tuple(perturbed)
         self.params, self.buffers = other_tensors(model, self.perturbed)
         self._param_keys = [_version_key(t) for t in self.params]
-        self._modes = module_modes(model)
+        self._buffer_keys = [_version_key(t) for t in self.buffers]
+        # Fixed while this tracker lives: a module added or replaced rebuilds the worker
+        # (``StructureWatch``), and with it the tracker.
+        self._modules = list(model.modules())
+        self._modes = module_modes(self._modules)
 
     def changes(self) -> StateChanges:
         params = self._changed(self.params, self._param_keys)
-        modes = module_modes(self.model)
+        buffers = self._changed(self.buffers, self._buffer_keys)
+        modes = module_modes(self._modules)
         changed_modes = None if modes == self._modes else modes
         self._modes = modes
-        return StateChanges(params, changed_modes)
+        if changed_modes is not None:
+            buffers = tuple(range(len(self.buffers)))
+        return StateChanges(params, buffers, changed_modes)
 
     @staticmethod
     def _changed(tensors: list[torch.Tensor], keys: list[tuple]) -> tuple[int, ...]:
@@ -112,8 +154,8 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 class ReplicaSync:
     """Brings a replica living in this process (fake worker, CUDA-stream worker) up to the main model.
 
-    ``sync(copy)`` copies the other parameters the main model changed and every buffer, and
-    sets the modes. ``copy(dst, src)`` lets a CUDA worker copy on its own stream.
+    ``sync(copy)`` copies what changed and sets the modes. ``copy(dst, src)`` lets a CUDA
+    worker copy on its own stream.
     """
 
     def __init__(self, model: nn.Module, replica: nn.Module, perturbed: Sequence[int]):
@@ -126,8 +168,8 @@ class ReplicaSync:
         with torch.no_grad():
             for i in changes.params:
                 copy(self.params[i], self.tracker.params[i].detach())
-            for dst, src in zip(self.buffers, self.tracker.buffers):
-                copy(dst, src.detach())
+            for i in changes.buffers:
+                copy(self.buffers[i], self.tracker.buffers[i].detach())
         if changes.modes is not None:
             apply_modes(self.replica, changes.modes)
         return changes

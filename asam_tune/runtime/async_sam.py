@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -35,7 +36,7 @@ from asam_tune.errors import UserInputError
 from asam_tune.perturbers.ascent import _as_loss, job_seed, parameters_at, perturbed_indices
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult
 from asam_tune.perturbers.batches import OutputTargetLoss, batch_size_of, slice_batch, tensor_ids
-from asam_tune.perturbers.state_sync import structure_key
+from asam_tune.perturbers.state_sync import StructureWatch, structure_key
 from asam_tune.perturbers.weights import WeightSwap
 from asam_tune.runtime import checkpoint, options, workers
 from asam_tune.runtime.adaptation import AdaptationSettings
@@ -121,6 +122,9 @@ class AsyncSAM:
         self._task = workers.ascent_task(workers.replicated_module(model), base_optimizer, self._compute_loss,
                                          self.adaptive, warn=True)
         self._structure = structure_key(self._task.model, self._task.perturbed)
+        self._trainable = workers.trainable_key(base_optimizer)
+        self._watch = StructureWatch(self._task.model)
+        weakref.finalize(self, self._watch.close)
         self._params = parameters_at(self._task.model, self._task.perturbed)
         if device is not None and device.type == "cuda" and self._params[0].device.type != "cuda":
             raise UserInputError(f"perturbation_device {str(device)!r} needs the model on a CUDA device, "
@@ -215,6 +219,7 @@ class AsyncSAM:
             handle.remove()
         self._schedule.clear()
         self._worker.close()
+        self._watch.close()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -389,9 +394,18 @@ class AsyncSAM:
             self._feed.step_started()
 
     def _follow_model(self) -> None:
-        """A new trainable set, or parameters replaced: rebuild what depends on them."""
+        """A new trainable set, or parameters replaced: rebuild what depends on them.
+
+        Cheap when nothing changed: the optimizer's parameters and their ``requires_grad``
+        flags are compared, and torch's registration hooks say whether anything was reassigned.
+        """
         if self._worker.perturber is None or self.rho == 0:
             return
+        trainable = workers.trainable_key(self.base_optimizer)
+        if trainable == self._trainable and not self._watch.changed:
+            return
+        self._trainable = trainable
+        self._watch.watch(self._task.model)
         task = workers.ascent_task(self._task.model, self.base_optimizer, self._compute_loss, self.adaptive)
         key = structure_key(task.model, task.perturbed)
         if key == self._structure:
@@ -448,7 +462,7 @@ class AsyncSAM:
         rows = min(self.perturbation_batch_size or size, size)
         rho = self.rho_at(rows, size)
         self._stats.rho_applied = rho
-        job = AscentJob(step=self._step, weights=[p.detach() for p in self._params],
+        job = AscentJob(step=self._step, weights=self._params,
                         batch=slice_batch(batch, rows), rho=rho, seed=job_seed(self.seed, serves_step))
         started = self._clock()
         ok = self._worker.submit(job)

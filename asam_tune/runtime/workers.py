@@ -19,7 +19,8 @@ from asam_tune.perturbers.ascent import perturbed_indices
 from asam_tune.perturbers.base import AscentTask, Perturber
 from asam_tune.perturbers.in_process import InProcessPerturber
 
-__all__ = ["ascent_task", "in_process_factory", "process_group", "replicated_module", "worker_factory"]
+__all__ = ["ascent_task", "in_process_factory", "process_group", "replicated_module", "trainable_key",
+           "worker_factory"]
 
 Factory = Callable[[AscentTask], Perturber]
 
@@ -39,6 +40,11 @@ def process_group(model: nn.Module) -> Any:
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def trainable_key(optimizer: torch.optim.Optimizer) -> tuple:
+    """The optimizer's parameters and whether each requires a gradient: the trainable set, cheaply."""
+    return tuple((id(p), p.requires_grad) for p in _optimizer_params(optimizer))
 
 
 def ascent_task(module: nn.Module, optimizer: torch.optim.Optimizer, compute_loss: Callable, adaptive: bool,
