@@ -1,7 +1,7 @@
 """The real trial runner: short windows of asynchronous-SAM steps on the user's workload.
 
-Timing is ``bench.speed``'s (same synthetic batches, same loops, same ``place``): the baseline
-runs SGD and synchronous SAM where the plan's baseline runs (every core left after the reserved
+Timing is ``asam_tune.steptiming``'s, as the speed benchmark's (same synthetic batches, same
+loops, same ``place``): the baseline runs SGD and synchronous SAM where the plan's baseline runs (every core left after the reserved
 ones for a CPU main, the main GPU otherwise); each trial pins the main process to its cores,
 starts the worker the configuration names and times ``steps`` steps after ``warmup``, and
 more until ``min_seconds`` of timed steps have passed (``window.TrialLength``; the baseline
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from asam_tune.bench.speed import DISTINCT_BATCHES, synthetic_batches, time_sam, time_sgd
+from asam_tune.steptiming import DISTINCT_BATCHES, synthetic_batches, time_sam, time_sgd
 from asam_tune.runtime.placement import place
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.records.plan import Plan

@@ -73,8 +73,9 @@ def test_train_refuses_a_plan_for_another_workload_or_batch_size(tmp_path):
     assert cli("plan", str(profile), "-b", "64", "--allow-other-machine", "-o", str(plan)).returncode == 0
     one_line_error(cli("train", "--plan", str(plan), "--allow-other-machine", "-b", "32"),
                    "--batch-size 32", "64")
+    # train offers only the task it runs (its help lists no other).
     one_line_error(cli("train", "--workload", "resnet20", "--plan", str(plan), "--allow-other-machine"),
-                   "MNIST-1D task only", "resnet20")
+                   "--workload", "resnet20", "mnist1d-cnn")
 
 
 def test_debug_shows_the_traceback(tmp_path):
