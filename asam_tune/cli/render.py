@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from asam_tune.profiler.machine_load import end_warning, start_warning
+from asam_tune.profiler.machine_load import busy_summary, end_warning, start_warning
 from asam_tune.records.profile import LoadAverages, MachineLoad, Profile
 
 # One legend line under each kind of output: the terms a newcomer meets there.
@@ -80,17 +80,21 @@ def profile_tables(profile: Profile) -> list[Table]:
     header.add_row("torch", f"{fp.torch_version} (cuda {fp.cuda_version})")
     header.add_row("created", profile.created_at)
     header.add_row("load", load_line(profile.machine_load))
+    busy = busy_summary(profile)
+    if busy:
+        header.add_row("BUSY", busy)
     tables = [header]
 
     points = Table(title="Forward+backward and optimizer step (medians)")
-    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy"):
+    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy/busy"):
         points.add_column(column, justify="right" if column not in ("device", "status") else "left")
     for entry in profile.devices:
         for point in sorted(entry.points, key=lambda p: p.batch_size):
             fb, opt = point.forward_backward, point.optimizer_step
             rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
             status = point.status if point.status != "error" else f"error: {point.error}"
-            noisy = "yes" if (fb and fb.noisy) or (opt and opt.noisy) else ""
+            noisy = ", ".join(flag for flag, present in (("noisy", (fb and fb.noisy) or (opt and opt.noisy)),
+                                                         ("busy", point.busy is not None)) if present)
             points.add_row(entry.config.key, str(point.batch_size), status,
                            _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
                            _ms(opt.median_s if opt else None), noisy)
