@@ -15,6 +15,7 @@ import torch
 from asam_tune.bench.provenance import provenance
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
+from asam_tune.profiler.busy import asam_tune_jobs
 from asam_tune.profiler.machine_load import read_load_average
 from asam_tune.records.plan import Plan
 from asam_tune.runtime.placement import main_placement, place, preserved_placement
@@ -74,10 +75,11 @@ def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, wa
                                   "main_threads": main_threads, "perturbation": plan.perturbation.key,
                                   "worker_cores": list(plan.perturbation.cores or ()),
                                   "perturbation_batch_size": plan.perturbation_batch_size, "mode": plan.mode}}
-    load_start = read_load_average()
+    load_start, jobs = read_load_average(), list(asam_tune_jobs())
     with preserved_placement():  # leave the caller's process as it was (gpu_check runs this in-process)
         _measure_all(result, workload, plan, batches, device, main_cores, main_threads, warmup, lr, rho, progress)
     result["load_average"] = {"start": load_start, "end": read_load_average()}
+    jobs += [job for job in asam_tune_jobs() if job not in jobs]
 
     t_sgd, t_sam, t_asam = (result[k]["step_time_median_s"] for k in ("sgd", "sam", "asam"))
     result["asam_over_sgd"] = t_asam / t_sgd
@@ -98,6 +100,8 @@ def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, wa
                                   "sam": predicted.sam_step_s / sam_base - 1}
     # Numbers that cannot be right say so where they are made, not in a reader's head.
     result["warnings"] = [w for w in (
+        f"another asam-tune job ran beside the benchmark ({'; '.join(map(str, jobs))}): its times are inflated"
+        if jobs else None,
         baseline_warning(sgd_base, predicted.sgd_step_s, "SGD", load=result["load_average"]["end"]),
         hidden_fraction_warning(result["hidden_fraction"])) if w]
     return result

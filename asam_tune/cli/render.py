@@ -199,6 +199,12 @@ def training_table(results: list[dict], *, label_noise: float | None = None) -> 
     return table
 
 
+def _first_load(load: dict | None) -> str:
+    if not load:
+        return "not recorded"
+    return " -> ".join("?" if loads is None else f"{loads[0]:.2f}" for loads in (load["start"], load["end"]))
+
+
 def bench_table(result: dict) -> Table:
     placement = result["placement"]
     table = Table(title=f"{result['workload']} at batch {result['batch_size']}: median step time "
@@ -221,5 +227,6 @@ def bench_table(result: dict) -> Table:
     table.caption = (f"main {placement['main_device']} on cores {placement['main_cores']}, perturbation "
                      f"{placement['perturbation']} b_p={placement['perturbation_batch_size']}; hidden fraction "
                      f"{'-' if hidden is None else f'{hidden:.2f}'}; worker {_ms(result['asam']['worker_compute_median_s'])}"
-                     f" ms/job, main waited {_ms(result['asam']['wait_median_s'])} ms/step")
+                     f" ms/job, main waited {_ms(result['asam']['wait_median_s'])} ms/step; 1-minute load "
+                     f"average {_first_load(result.get('load_average'))}")
     return table
