@@ -81,6 +81,24 @@ def test_the_bench_scripts_share_their_flags_with_the_cli(capsys):
         assert flag in script_help and flag in cli_help
 
 
+@pytest.mark.parametrize("module", ["accuracy", "adapt", "compare", "gpu_check"])
+def test_python_m_bench_still_works(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_code:
+        importlib.import_module(f"asam_tune.bench.{module}").main(["--help"])
+    assert exit_code.value.code == 0
+    assert "--out" in capsys.readouterr().out  # --output, or gpu-check's --out
+
+
+def test_a_bench_script_error_is_one_line(tmp_path, capsys):
+    from asam_tune.bench import compare
+
+    assert compare.main(["--plan", str(tmp_path / "absent.json"), "--tuned", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("asam-tune: error: ") and "no such file" in err[0]
+
+
 def test_the_built_in_names_match_the_workloads():
     from asam_tune.workloads import builtin_names
 
