@@ -94,7 +94,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training batch size B")
     parser.add_argument("--main-device", default=None, metavar="KEY",
                         help="the main device as the profile names it, e.g. cuda:0 or cpu/1t (CPU, 1 thread) "
-                             "(default: the fastest)")
+                             "(default: the fastest GPU; on a CPU-only profile every split of the cores is tried)")
     parser.add_argument("--margin", type=types.fraction, default=0.05,
                         help="share of the main step kept free as safety (default 0.05)")
     parser.add_argument("--reserved-cores", type=types.non_negative_int, default=0, metavar="N",
