@@ -10,6 +10,7 @@ scheduler (Slurm submit script, Ray driver, Kubernetes operator) can call them c
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -25,7 +26,8 @@ from asam_tune.records.profile import Profile
 
 __all__ = [
     "CpuRequirement", "Plan", "Profile",
-    "check_machine", "cpus_needed", "load_plan", "load_profile", "plan_for", "ray_resources_per_worker",
+    "check_machine", "cpus_needed", "load_plan", "load_profile", "plan_for", "profile_main_device",
+    "ray_resources_per_worker",
     "resources", "save_plan",
 ]
 
@@ -70,11 +72,31 @@ def plan_for(profile_or_path: Profile | PathLike, batch_size: int, *, main_devic
                      reserved_cores=reserved_cores, nproc_per_node=nproc_per_node, asynchronous=asynchronous)
 
 
+def profile_main_device(profile: Profile) -> str:
+    """The configuration the profiler measured as the main process: on a CPU-only machine the CPU
+    at half the usable cores (what its contention and handover timings are for)."""
+    for measured in (*profile.contention, *profile.handovers):
+        return measured.main
+    return profile.devices[0].config.key
+
+
 def cpus_needed(profile_or_path: Profile | PathLike, batch_size: int, *, main_device: str | None = None,
                 margin: float = 0.05, min_perturbation_batch: int = 1, nproc_per_node: int = 1) -> CpuRequirement:
-    """The fewest CPU cores per GPU (per rank) that hide the perturbation, and the b_p they give."""
-    return _cpus_needed(_profile(profile_or_path), batch_size, main_device=main_device, margin=margin,
+    """The fewest CPU cores per GPU (per rank) that hide the perturbation, and the b_p they give.
+
+    On a CPU-only profile without ``main_device`` the main process's configuration is the one
+    the profiler measured as main (``profile_main_device``); the explanation says which.
+    """
+    profile = _profile(profile_or_path)
+    chosen = None
+    if main_device is None and all(d.config.is_cpu for d in profile.devices):
+        main_device = chosen = profile_main_device(profile)
+    need = _cpus_needed(profile, batch_size, main_device=main_device, margin=margin,
                         min_perturbation_batch=min_perturbation_batch, nproc_per_node=nproc_per_node)
+    if chosen is None:
+        return need
+    return dataclasses.replace(need, explanation=f"{need.explanation} (main process {chosen}: the profile's main "
+                                                 f"configuration; pass main_device='cpu/<k>t' for another)")
 
 
 def resources(plan: Plan) -> dict:

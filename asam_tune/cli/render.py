@@ -4,8 +4,32 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from asam_tune.profiler.machine_load import end_warning, start_warning
+from asam_tune.profiler.machine_load import busy_summary, end_warning, start_warning
 from asam_tune.records.profile import LoadAverages, MachineLoad, Profile
+
+# One legend line under each kind of output: the terms a newcomer meets there.
+_KEYS = ("cpu/2t: the CPU computing with 2 threads; cuda:0: the first GPU; 'on 1,2': the CPU cores it "
+         "was pinned to")
+PROFILE_LEGEND = (f"Legend: {_KEYS}. fwd+bwd: forward and backward pass of one batch; IQR: spread of the "
+                  "samples (interquartile range); noisy: IQR above 10% of the median; busy: measured while "
+                  "another job used the cores (re-measured where it could be); slowdown: the main step while "
+                  "the other device computes, over the main step alone.")
+PLAN_LEGEND = (f"Legend: {_KEYS}. b_p: how many samples of the next batch the ascent gradient uses; "
+               "staleness 1: the perturbation for step t+1 is computed from step t's weights while step t runs "
+               "(the paper's method); staleness 0: synchronous SAM; non-blocking: never wait for the worker; "
+               "hidden fraction: 1 = SGD's step time, 0 = SAM's; x SGD: step time over SGD's.")
+TRAINING_LEGEND = ("Legend: test acc: accuracy on clean test labels (what counts); train acc: on the noisy "
+                   "training labels; step ms: median step time; b_p: samples of the next batch the ascent "
+                   "used; staleness k:n: n steps applied a perturbation computed k steps earlier (0: in the "
+                   "same step, 1: one step stale, as planned).")
+BENCH_LEGEND = ("Legend: x SGD: median step time over SGD's on the main cores; hidden fraction: (SAM - "
+                "asynchronous SAM) / (SAM - SGD), 1 = SGD's cost, 0 = SAM's; predicted: the plan's numbers.")
+TUNING_LEGEND = ("Legend: b_p: samples of the next batch the ascent gradient uses; hidden: the main step waited "
+                 "at most the margin for the worker; Pareto front: the trials no other trial beats on both step "
+                 "time and b_p; predicted: the cost model's numbers, measured: the trial's.")
+
+_MODES = {"staleness1": "asynchronous, staleness 1", "non_blocking": "asynchronous, non-blocking",
+          "synchronous": "synchronous SAM"}
 
 
 def _ms(seconds: float | None) -> str:
@@ -16,6 +40,14 @@ def _placed(key: str, cores: tuple[int, ...] | None) -> str:
     """A configuration key and the cores it ran on, when recorded: 'cpu/1t on 1' (short: the
     contention table has to fit 80 columns)."""
     return key if cores is None else f"{key} on {','.join(map(str, cores))}"
+
+
+def mode_text(mode: str, staleness: int) -> str:
+    """'asynchronous, staleness 1' rather than the record's 'staleness1 (staleness 1)'."""
+    text = _MODES.get(mode, mode)
+    if mode == "non_blocking":
+        text += f" (staleness {staleness} or more)"
+    return text
 
 
 def _loads(loads: LoadAverages | None) -> str:
@@ -48,17 +80,21 @@ def profile_tables(profile: Profile) -> list[Table]:
     header.add_row("torch", f"{fp.torch_version} (cuda {fp.cuda_version})")
     header.add_row("created", profile.created_at)
     header.add_row("load", load_line(profile.machine_load))
+    busy = busy_summary(profile)
+    if busy:
+        header.add_row("BUSY", busy)
     tables = [header]
 
     points = Table(title="Forward+backward and optimizer step (medians)")
-    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy"):
+    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy/busy"):
         points.add_column(column, justify="right" if column not in ("device", "status") else "left")
     for entry in profile.devices:
         for point in sorted(entry.points, key=lambda p: p.batch_size):
             fb, opt = point.forward_backward, point.optimizer_step
             rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
             status = point.status if point.status != "error" else f"error: {point.error}"
-            noisy = "yes" if (fb and fb.noisy) or (opt and opt.noisy) else ""
+            noisy = ", ".join(flag for flag, present in (("noisy", (fb and fb.noisy) or (opt and opt.noisy)),
+                                                         ("busy", point.busy is not None)) if present)
             points.add_row(entry.config.key, str(point.batch_size), status,
                            _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
                            _ms(opt.median_s if opt else None), noisy)
@@ -104,7 +140,7 @@ def print_tables(tables: list[Table], console: Console | None = None) -> None:
 def _pert_label(perturbation) -> str:
     label = perturbation.key
     if perturbation.cores:
-        label += f" on cores {','.join(map(str, perturbation.cores))}"
+        label += f" on {'core' if len(perturbation.cores) == 1 else 'cores'} {','.join(map(str, perturbation.cores))}"
     return label
 
 
@@ -115,7 +151,7 @@ def plan_tables(plan) -> list[Table]:
     choice.add_row("main device", f"{plan.main_device} ({plan.main_cores} core(s) per rank)")
     choice.add_row("perturbation", _pert_label(plan.perturbation))
     choice.add_row("perturbation batch (b_p)", str(plan.perturbation_batch_size))
-    choice.add_row("mode", f"{plan.mode} (staleness {plan.staleness})")
+    choice.add_row("mode", mode_text(plan.mode, plan.staleness))
     choice.add_row("hidden", "yes" if plan.feasible else "no")
     choice.add_row("verdict", plan.verdict)
     tables = [choice]
@@ -137,7 +173,7 @@ def plan_tables(plan) -> list[Table]:
         for alt in plan.alternatives:
             ap = alt.predictions
             others.add_row(alt.main_device, _pert_label(alt.perturbation), str(alt.perturbation_batch_size),
-                           alt.mode, "yes" if alt.feasible else "no", _ms(ap.asam_step_s),
+                           mode_text(alt.mode, alt.staleness), "yes" if alt.feasible else "no", _ms(ap.asam_step_s),
                            f"{ap.asam_step_s / ap.sgd_step_s:.2f}")
         tables.append(others)
     if plan.notes:
@@ -148,8 +184,9 @@ def plan_tables(plan) -> list[Table]:
     return tables
 
 
-def training_table(results: list[dict]) -> Table:
-    table = Table(title="MNIST-1D training")
+def training_table(results: list[dict], *, label_noise: float | None = None) -> Table:
+    noise = "" if label_noise is None else f", {label_noise:.0%} of training labels flipped"
+    table = Table(title=f"MNIST-1D training{noise}")
     for column in ("optimizer", "test acc %", "train acc %", "time s", "step ms", "b_p", "staleness"):
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for r in results:
@@ -160,6 +197,12 @@ def training_table(results: list[dict]) -> Table:
                       str(r["perturbation_batch_size"] or "-"),
                       staleness or "-")
     return table
+
+
+def _first_load(load: dict | None) -> str:
+    if not load:
+        return "not recorded"
+    return " -> ".join("?" if loads is None else f"{loads[0]:.2f}" for loads in (load["start"], load["end"]))
 
 
 def bench_table(result: dict) -> Table:
@@ -184,5 +227,6 @@ def bench_table(result: dict) -> Table:
     table.caption = (f"main {placement['main_device']} on cores {placement['main_cores']}, perturbation "
                      f"{placement['perturbation']} b_p={placement['perturbation_batch_size']}; hidden fraction "
                      f"{'-' if hidden is None else f'{hidden:.2f}'}; worker {_ms(result['asam']['worker_compute_median_s'])}"
-                     f" ms/job, main waited {_ms(result['asam']['wait_median_s'])} ms/step")
+                     f" ms/job, main waited {_ms(result['asam']['wait_median_s'])} ms/step; 1-minute load "
+                     f"average {_first_load(result.get('load_average'))}")
     return table

@@ -16,14 +16,15 @@ import pytest
 from asam_tune import api
 from asam_tune.records import Plan, dump_record, load_record
 from asam_tune.records.tuning import Tuning
-from asam_tune.tune.cli import add_tune_parser, run_tune
+from asam_tune.cli.tune import add_arguments as add_tune_arguments
+from asam_tune.cli.tune import run as run_tune
 
 pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def _tune(plan_path, output, trials: int, confirm_rounds: int) -> int:
     parser = argparse.ArgumentParser()
-    add_tune_parser(parser.add_subparsers(dest="command"))
+    add_tune_arguments(parser.add_subparsers(dest="command").add_parser("tune"))
     args = parser.parse_args(["tune", "--plan", str(plan_path), "--trials", str(trials), "--steps-per-trial", "4",
                               "--warmup-steps", "1", "--output", str(output), "--allow-other-machine",
                               "--min-trial-seconds", "0", "--confirm-rounds", str(confirm_rounds),

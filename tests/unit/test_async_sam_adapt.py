@@ -311,9 +311,6 @@ def test_resume_with_adaptation_equals_the_run_that_checkpointed_and_went_on():
 # ----------------------------------------------------------------------------- the benchmark's arithmetic
 
 
-@pytest.mark.xfail(reason="runtime bug reported to lead: asam_tune/bench/adapt.py still imports the removed "
-                          "asam_tune.runtime.perturbation (and calls the old ascent_perturbation signature)",
-                   raises=ModuleNotFoundError, strict=True)
 def test_benchmark_helpers_on_made_up_times():
     from asam_tune.bench.adapt import first_above, first_within, hiding_batch_size, rolling_ratios
 
