@@ -89,9 +89,10 @@ def run_plan(args: argparse.Namespace) -> int:
     check_writable(args.output)
     profile = api.load_profile(args.profile)
     api.check_machine(profile, allow_other_machine=args.allow_other_machine)
+    floor = "default" if args.min_perturbation_fraction is None else args.min_perturbation_fraction
     plan = api.plan_for(profile, args.batch_size, main_device=args.main_device, margin=args.margin,
                         reserved_cores=args.reserved_cores, nproc_per_node=args.nproc_per_node,
-                        asynchronous=args.asynchronous)
+                        asynchronous=args.asynchronous, min_perturbation_fraction=floor, rho_rule=args.rho_rule)
     dump_record(plan, args.output)
     _show_record(plan, args.format)
     _console.print(f"plan written to {args.output}")
@@ -144,8 +145,27 @@ def _show_record(record, fmt: str) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    _show_record(_load_any(args.path), args.format)
+    record = _load_any(args.path)
+    if args.plot is None and args.plan is not None:
+        raise UserInputError("--plan goes with --plot (it marks the plan's b_p on the plotted curves)")
+    if args.plot is not None:
+        _plot_profile(record, args.plot, args.plan)
+    _show_record(record, args.format)
+    if args.plot is not None:
+        _console.print(f"plot written to {args.plot}")
     return 0
+
+
+def _plot_profile(record, path: str, plan_path: str | None) -> None:
+    from asam_tune import api
+    from asam_tune.records import Profile, check_writable
+
+    if not isinstance(record, Profile):
+        raise UserInputError(f"--plot draws a profile's curves; {record.kind!r} is not a profile")
+    check_writable(path)
+    from asam_tune.plots import plot_profile  # needs matplotlib: the 'plot' extra
+
+    plot_profile(record, path, plan=None if plan_path is None else api.load_plan(plan_path))
 
 
 def _load_plan_for_run(path: str | None, allow_other_machine: bool):

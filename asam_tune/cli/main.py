@@ -67,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--asynchronous", action="store_true",
                       help="plan the best asynchronous split even where synchronous SAM on all cores "
                            "is predicted faster (the plan notes the cost)")
+    plan.add_argument("--min-perturbation-fraction", type=types.positive_fraction, default=None, metavar="F",
+                      help="quality floor: keep b_p >= F x B, hiding the ascent only partially if need be "
+                           "(default: the floor measured for the rho rule; see docs/cost-model.md)")
+    plan.add_argument("--rho-rule", choices=("default", "none"), default="default",
+                      help="how the runtime scales rho as b_p shrinks: default (the measured rule) or none "
+                           "(rho fixed)")
     plan.add_argument("--allow-other-machine", action="store_true",
                       help="plan from a profile measured on another machine (warns)")
     plan.add_argument("--output", "-o", required=True, help="where to write the plan JSON")
@@ -75,6 +81,11 @@ def _build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="render a profile or a plan")
     show.add_argument("path")
     show.add_argument("--format", choices=("table", "json"), default="table")
+    show.add_argument("--plot", default=None, metavar="FILE.png",
+                      help="for a profile: also write step time against batch size, log-log, per device "
+                           "configuration (needs the 'plot' extra)")
+    show.add_argument("--plan", default=None, metavar="PLAN",
+                      help="with --plot: mark this plan's b_p and B on the curves")
 
     train = commands.add_parser(
         "train", help="train a built-in workload with SGD, SAM and asynchronous SAM side by side")
