@@ -9,7 +9,7 @@ import pytest
 
 from asam_tune.records import MachineLoad, Plan, dump_record, load_record
 from tests.cpu.test_cli import cli, one_line_error
-from tests.fixtures.costmodel_profiles import cpu_only_profile, gpu_with_cpu
+from tests.fixtures.costmodel_profiles import contention, gpu_with_cpu, profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 BUSY = MachineLoad(start=(3.0, 2.5, 1.0), end=(3.1, 2.6, 1.1), usable_cores=2, elapsed_s=30.0,
@@ -55,18 +55,22 @@ def test_bad_floor_and_rule_flags_are_one_line_errors(tmp_path, args, needles):
     assert not (tmp_path / "plan.json").exists()
 
 
+def _impossible():
+    """cuda:0 measured twice as fast while the CPU worker computes: the main step beats SGD."""
+    return profile(*gpu_with_cpu().devices, contention=[contention("cuda:0", "cpu/4t", 0.5)])
+
+
 def test_impossible_results_from_a_busy_profile_are_refused(tmp_path):
-    inflated = cpu_only_profile({1: 0.001, 2: 0.05}, cores=2).model_copy(update={"machine_load": BUSY})
-    result = cli("plan", str(_write(tmp_path, inflated)), "-b", "64", "--allow-other-machine",
-                 "-o", str(tmp_path / "plan.json"))
+    busy = _impossible().model_copy(update={"machine_load": BUSY})
+    result = cli("plan", str(_write(tmp_path, busy)), "-b", "100", "--min-perturbation-fraction", "0.05",
+                 "--allow-other-machine", "-o", str(tmp_path / "plan.json"))
     one_line_error(result, "impossible prediction", "faster than SGD", "busy machine")
     assert not (tmp_path / "plan.json").exists()
 
 
 def test_impossible_results_from_an_idle_profile_are_a_warning_line(tmp_path):
-    inflated = cpu_only_profile({1: 0.001, 2: 0.05}, cores=2)
-    result = cli("plan", str(_write(tmp_path, inflated)), "-b", "64", "--allow-other-machine",
-                 "-o", str(tmp_path / "plan.json"), "--format", "none")
+    result = cli("plan", str(_write(tmp_path, _impossible())), "-b", "100", "--min-perturbation-fraction", "0.05",
+                 "--allow-other-machine", "-o", str(tmp_path / "plan.json"), "--format", "none")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("asam-tune: warning: impossible")]
     assert len(warnings) == 1 and "faster than SGD" in warnings[0]
@@ -95,3 +99,11 @@ def test_show_plots_a_profile_with_a_plan_marked(tmp_path):
     one_line_error(cli("show", str(plan), "--plot", str(tmp_path / "x.png")), "not a profile")
     one_line_error(cli("show", str(profile), "--plan", str(plan)), "--plan goes with --plot")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_show_a_version_1_plan_has_no_trade_and_no_rule():
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "plan_v1.json"
+    result = cli("show", str(fixture))
+    assert result.returncode == 0, result.stderr
+    assert "none: rho is the same at every b_p" in result.stdout
+    assert "Hiding the ascent" not in result.stdout and "quality floor" not in result.stdout

@@ -10,7 +10,7 @@ from asam_tune.costmodel import make_plan
 from asam_tune.costmodel.plausibility import EQUIVALENT_SHARE, ImplausiblePlanError, findings, load_summary
 from asam_tune.errors import UserInputError
 from asam_tune.records import MachineLoad
-from tests.fixtures.costmodel_profiles import cpu_only_profile, gpu_with_cpu
+from tests.fixtures.costmodel_profiles import contention, cpu_only_profile, gpu_with_cpu, profile
 
 BUSY = MachineLoad(start=(3.0, 2.5, 1.0), end=(3.1, 2.6, 1.1), usable_cores=2, elapsed_s=30.0,
                    profiler_busy_cores=1.0)
@@ -18,26 +18,42 @@ IDLE = MachineLoad(start=(0.1, 0.1, 0.1), end=(0.6, 0.3, 0.2), usable_cores=2, e
                    profiler_busy_cores=1.0)
 
 
-def _inflated(load: MachineLoad | None):
-    """2 cores whose cpu/2t points were inflated by another job: SGD on both cores (the baseline)
-    3.2 s at B = 64, while cpu/1t computes the same batch in 0.066 s."""
-    machine = cpu_only_profile({1: 0.001, 2: 0.05}, cores=2)
+def _impossible(load: MachineLoad | None):
+    """cuda:0 measured twice as fast while the CPU worker computes (contention 0.5, e.g. its
+    'alone' timing inflated by another job): the main step, 0.02 x 0.5 + 0.001 = 11 ms, would
+    beat SGD's 21 ms. The worker cores are those of the 2-core load record."""
+    machine = profile(*gpu_with_cpu().devices, contention=[contention("cuda:0", "cpu/4t", 0.5)])
     return machine.model_copy(update={"machine_load": load})
+
+
+FLOOR = 0.05  # b_p >= 5: cpu/4t hides 8 within 0.95 x 11 ms, fully
 
 
 @pytest.mark.filterwarnings("ignore:the profile was measured on a busy machine")
 def test_impossible_predictions_from_a_busy_profile_are_refused():
     with pytest.raises(ImplausiblePlanError, match="faster than SGD") as caught:
-        make_plan(_inflated(BUSY), 64)
+        make_plan(_impossible(BUSY), 100, min_perturbation_fraction=FLOOR)
     assert isinstance(caught.value, UserInputError)  # the CLI's one-line error, exit 2
     assert "busy machine" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_impossible_predictions_from_an_idle_profile_are_warned_about_and_noted():
     with pytest.warns(UserWarning, match="impossible prediction"):
-        plan = make_plan(_inflated(IDLE), 64)
+        plan = make_plan(_impossible(IDLE), 100, min_perturbation_fraction=FLOOR)
     assert any(n.startswith("impossible prediction") for n in plan.notes)
     assert plan.profile_load.busy is False
+
+
+@pytest.mark.filterwarnings("ignore:the profile was measured on a busy machine")
+def test_inflated_points_of_all_cores_do_not_make_a_baseline_slower_than_the_split():
+    """Another job inflated cpu/2t (SGD on both cores: 3.2 s at B = 64) and not cpu/1t (66 ms):
+    the baseline is the fastest configuration within the cores, cpu/1t, so the split 1 + 1 is not
+    predicted faster than SGD (issue: "196% hidden, async 0.04x SGD")."""
+    plan = make_plan(cpu_only_profile({1: 0.001, 2: 0.05}, cores=2).model_copy(update={"machine_load": BUSY}), 64,
+                     asynchronous=True)
+    assert plan.predictions.sgd_step_s == pytest.approx(0.001 + 0.064 + 0.001)
+    assert plan.predictions.hidden_fraction <= 1
+    assert plan.profile_load.busy is True
 
 
 def test_the_busy_flag_reaches_the_plan_and_a_warning():
