@@ -23,6 +23,7 @@ from asam_tune.records.base import dump_record, load_record
 from asam_tune.records.fingerprint import Fingerprint, fingerprint_differences
 from asam_tune.records.plan import Plan
 from asam_tune.records.profile import Profile
+from asam_tune.records.rho_rule import RhoRule
 
 __all__ = [
     "CpuRequirement", "Plan", "Profile",
@@ -61,15 +62,21 @@ def _profile(profile_or_path: Profile | PathLike) -> Profile:
 
 def plan_for(profile_or_path: Profile | PathLike, batch_size: int, *, main_device: str | None = None,
              margin: float = 0.05, reserved_cores: int = 0, nproc_per_node: int = 1,
-             asynchronous: bool = False) -> Plan:
+             asynchronous: bool = False, min_perturbation_fraction: float | None | str = "default",
+             rho_rule: str | RhoRule = "default") -> Plan:
     """Plan asynchronous SAM for training batch size ``batch_size`` on the profiled machine.
 
     ``reserved_cores`` are kept per rank for data loading, on top of the main process's own;
     ``nproc_per_node`` ranks share the machine's cores (torchrun). ``asynchronous`` takes the
     best asynchronous split even where synchronous SAM would be faster (noted in the plan).
+    ``min_perturbation_fraction`` is the quality floor on b_p / B ("default": the one measured
+    for the rho rule; None: no floor); ``rho_rule`` how the runtime scales rho with b_p
+    ("default", "none" or a ``RhoRule``). Impossible predictions from a profile measured on a
+    busy machine raise ``ImplausiblePlanError``; other doubts are warnings and notes.
     """
     return make_plan(_profile(profile_or_path), batch_size, main_device=main_device, margin=margin,
-                     reserved_cores=reserved_cores, nproc_per_node=nproc_per_node, asynchronous=asynchronous)
+                     reserved_cores=reserved_cores, nproc_per_node=nproc_per_node, asynchronous=asynchronous,
+                     min_perturbation_fraction=min_perturbation_fraction, rho_rule=rho_rule)
 
 
 def profile_main_device(profile: Profile) -> str:

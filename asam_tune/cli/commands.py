@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from asam_tune import arguments as types
-from asam_tune.errors import RecordError
+from asam_tune.errors import RecordError, UserInputError
 
 _console = Console(stderr=True)
 
@@ -104,6 +104,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asynchronous", action="store_true",
                         help="plan the best asynchronous split even where synchronous SAM on all cores "
                              "is predicted faster (the plan notes the cost)")
+    parser.add_argument("--min-perturbation-fraction", type=types.positive_fraction, default=None, metavar="F",
+                        help="quality floor: keep b_p >= F x B, hiding the ascent only partially if need be "
+                             "(default: the floor measured for the rho rule; see docs/cost-model.md)")
+    parser.add_argument("--rho-rule", choices=("default", "none"), default="default",
+                        help="how the runtime scales rho as b_p shrinks: default (the measured rule) or none "
+                             "(rho fixed at every b_p)")
     types.add_allow_other_machine(parser, "a profile")
     parser.add_argument("--output", "-o", required=True, metavar="PLAN", help="where to write the plan JSON")
     parser.add_argument("--format", choices=("table", "json", "none"), default="table",
@@ -118,9 +124,10 @@ def run_plan(args: argparse.Namespace) -> int:
     check_writable(args.output)
     profile = api.load_profile(args.profile)
     api.check_machine(profile, allow_other_machine=args.allow_other_machine)
+    floor = "default" if args.min_perturbation_fraction is None else args.min_perturbation_fraction
     plan = api.plan_for(profile, args.batch_size, main_device=args.main_device, margin=args.margin,
                         reserved_cores=args.reserved_cores, nproc_per_node=args.nproc_per_node,
-                        asynchronous=args.asynchronous)
+                        asynchronous=args.asynchronous, min_perturbation_fraction=floor, rho_rule=args.rho_rule)
     save_or_keep(plan, args.output, "plan")
     show_record(plan, args.format)
     say(f"plan written to {args.output}")
@@ -136,6 +143,11 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a profile, plan or tuning record (JSON written by profile, plan or tune)")
     parser.add_argument("--format", choices=("table", "json"), default="table",
                         help="tables with a legend, or the validated JSON (default: table)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="for a profile: also write step time against batch size, log-log, per device "
+                             "configuration (needs the 'plot' extra)")
+    parser.add_argument("--plan", default=None, metavar="PLAN",
+                        help="with --plot: mark this plan's b_p and B on the curves")
 
 
 def load_any(path: str):
@@ -182,8 +194,27 @@ def show_record(record, fmt: str) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    show_record(load_any(args.path), args.format)
+    record = load_any(args.path)
+    if args.plot is None and args.plan is not None:
+        raise UserInputError("--plan goes with --plot (it marks the plan's b_p on the plotted curves)")
+    if args.plot is not None:
+        _plot_profile(record, args.plot, args.plan)
+    show_record(record, args.format)
+    if args.plot is not None:
+        say(f"plot written to {args.plot}")
     return 0
+
+
+def _plot_profile(record, path: str, plan_path: str | None) -> None:
+    from asam_tune import api
+    from asam_tune.records import Profile, check_writable
+
+    if not isinstance(record, Profile):
+        raise UserInputError(f"--plot draws a profile's curves; {record.kind!r} is not a profile")
+    check_writable(path)
+    from asam_tune.plots import plot_profile  # needs matplotlib: the 'plot' extra
+
+    plot_profile(record, path, plan=None if plan_path is None else api.load_plan(plan_path))
 
 
 __all__ = ["add_plan_arguments", "add_profile_arguments", "add_show_arguments", "load_any", "print_json",

@@ -152,9 +152,17 @@ def plan_tables(plan) -> list[Table]:
     choice.add_row("perturbation", _pert_label(plan.perturbation))
     choice.add_row("perturbation batch (b_p)", str(plan.perturbation_batch_size))
     choice.add_row("mode", mode_text(plan.mode, plan.staleness))
-    choice.add_row("hidden", "yes" if plan.feasible else "no")
+    choice.add_row("hidden", plan.hiding or ("yes" if plan.feasible else "no"))
+    if plan.quality is not None:
+        choice.add_row("quality floor", _floor(plan))
+        choice.add_row("expected gain", f"{_gain(plan.quality.expected_gain)} of SAM's accuracy gain over SGD")
+    choice.add_row("rho rule", _rho_rule(plan))
+    if plan.profile_load is not None:
+        choice.add_row("profile load", plan.profile_load.summary)
     choice.add_row("verdict", plan.verdict)
     tables = [choice]
+    if plan.trade is not None:
+        tables.append(trade_table(plan))
 
     compare = Table(title="Predicted step time")
     for column in ("", "ms", "x SGD"):
@@ -182,6 +190,54 @@ def plan_tables(plan) -> list[Table]:
             notes.add_row(note)
         tables.append(notes)
     return tables
+
+
+def _gain(gain) -> str:
+    if gain.value is None:
+        return "unknown"
+    return f"{'at most ' if gain.bound == 'at_most' else ''}{gain.value:.0%}"
+
+
+def _floor(plan) -> str:
+    q = plan.quality
+    if q.min_perturbation_fraction is None:
+        return "none (hide fully, whatever b_p)"
+    return f"b_p >= {q.min_perturbation_batch_size} of {plan.batch_size} ({q.min_perturbation_fraction:.0%} of B)"
+
+
+def _rho_rule(plan) -> str:
+    rule = plan.rho_rule
+    if rule.kind == "none":
+        return "none: rho is the same at every b_p"
+    factor = rule.factor(plan.perturbation_batch_size, plan.batch_size)
+    return (f"rho x min({rule.max_factor:g}, (B/b_p)^{rule.exponent:g}): x{factor:.2f} at b_p="
+            f"{plan.perturbation_batch_size}")
+
+
+def trade_table(plan) -> Table:
+    """The plan that hides the ascent (no floor), the one that keeps the gain, synchronous SAM and
+    SGD, in one table; '>' marks the plan's choice."""
+    p, trade = plan.predictions, plan.trade
+    table = Table(title="Hiding the ascent or keeping SAM's gain")
+    for column in ("plan", "b_p", "hiding", "ms/step", "x SGD", "x SAM", "gain"):
+        table.add_column(column, justify="left" if column in ("plan", "hiding") else "right")
+    options = [("hides" if trade.hides_fully is None or trade.hides_fully.hiding == "stale" else "hides fully",
+                "hides_fully", trade.hides_fully), ("keeps the gain", "keeps_gain", trade.keeps_gain)]
+    for label, kind, option in options:
+        if option is None:
+            continue
+        mark = "> " if trade.chosen == kind else "  "
+        table.add_row(f"{mark}{label}: {option.main_device} + {option.perturbation}", str(option.perturbation_batch_size),
+                      option.hiding if option.hiding != "stale" else f"stale {option.staleness}",
+                      _ms(option.asam_step_s), f"{option.asam_step_s / p.sgd_step_s:.2f}",
+                      f"{option.asam_step_s / p.sam_step_s:.2f}", _gain(option.expected_gain))
+    mark = "> " if trade.chosen == "synchronous" else "  "
+    table.add_row(f"{mark}synchronous SAM", str(plan.batch_size), "none", _ms(p.sam_step_s),
+                  f"{p.sam_step_s / p.sgd_step_s:.2f}", "1.00", "100%")
+    table.add_row("  SGD", "-", "-", _ms(p.sgd_step_s), "1.00", f"{p.sgd_step_s / p.sam_step_s:.2f}", "0%")
+    table.caption = (f"gain: expected share of SAM's accuracy gain over SGD; hiding: full, partial (the main step "
+                     f"waits), stale N (non-blocking, N steps old). Chosen (>): {trade.reason}")
+    return table
 
 
 def training_table(results: list[dict], *, label_noise: float | None = None) -> Table:
