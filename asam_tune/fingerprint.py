@@ -22,6 +22,7 @@ from asam_tune.records.fingerprint import CpuInfo, Fingerprint, GpuInfo
 __all__ = [
     "collect_fingerprint",
     "placed_by_asam_tune",
+    "remember_affinity_before_pinning",
     "usable_cores",
     "usable_core_ids",
     "cgroup_quota_cores",
@@ -143,6 +144,14 @@ def placed_by_asam_tune(before: Iterable[int] | None) -> Iterator[None]:
     finally:
         if outermost:
             _affinity_before_placement = None
+
+
+def remember_affinity_before_pinning(before: Iterable[int] | None) -> None:
+    """For a placement that lasts as long as the process (a torchrun rank pinned by AsyncSAM):
+    discovery keeps seeing ``before``. A placement already in force keeps its own."""
+    global _affinity_before_placement
+    if _affinity_before_placement is None and before:
+        _affinity_before_placement = tuple(sorted({int(core) for core in before}))
 
 
 def _affinity(affinity_fn: Callable[[], Iterable[int]] | None) -> tuple[int, ...] | None:

@@ -31,6 +31,14 @@ _LANES = {"main_step": 1, "handover": 1, "wait": 1, "ascent": 0}
 _MAX_LABELLED_STEPS = 30
 
 
+def require_matplotlib() -> None:
+    """Fail now, before minutes of measuring, when the 'plot' extra is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserInputError(INSTALL_HINT) from None
+
+
 def _figure(width: float, height: float):
     """A figure on the Agg canvas, or a one-line error naming the extra to install."""
     try:

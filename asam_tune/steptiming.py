@@ -68,11 +68,14 @@ def time_sam(workload: Workload, batches: Iterable, device: torch.device, warmup
             sync()
             times.append(time.perf_counter() - started)
         stats = sam.stats()
+        timeline = sam.timeline() if sam_options.get("record_timeline") else None
     return times[warmup:], {"wait_median_s": stats.wait_median_s,
                             "worker_compute_median_s": stats.worker_compute_median_s,
                             "staleness_histogram": {str(k): v for k, v in stats.staleness_histogram.items()},
                             "fallbacks": stats.fallbacks, "skipped_perturbations": stats.skipped_perturbations,
-                            "b_p_trajectory": [list(entry) for entry in stats.perturbation_batch_size_trajectory]}
+                            "b_p_trajectory": [list(entry) for entry in stats.perturbation_batch_size_trajectory],
+                            "rho_applied": stats.rho_applied,
+                            **({} if timeline is None else {"timeline": timeline})}
 
 
 def baseline_warning(measured_s: float, predicted_s: float, what: str = "SGD", *,

@@ -53,7 +53,7 @@ def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, de
     progress(f"asynchronous SAM ({plan.perturbation.key}, b_p={plan.perturbation_batch_size})")
     # adapt=False: measure the plan's b_p as planned (bench/adapt.py measures the adaptation).
     asam_times, asam_stats = time_sam(workload, batches, device, warmup, lr, rho, plan=plan,
-                                      allow_other_machine=True, adapt=False)
+                                      allow_other_machine=True, adapt=False, record_timeline=True)
     result["asam"] = {**_summary(asam_times), **asam_stats}
 
 

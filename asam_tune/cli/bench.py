@@ -25,6 +25,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     types.add_allow_other_machine(parser)
     parser.add_argument("--format", choices=("table", "json", "markdown"), default="table",
                         help="a table, the full result as JSON, or markdown for docs/ (default: table)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="also write a timeline of asynchronous SAM's main steps and worker jobs: the "
+                             "overlap, and where the main step waited (needs the 'plot' extra)")
 
 
 def _load_plan(path: str | None, allow_other_machine: bool):
@@ -60,7 +63,20 @@ def run_speed(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch-size {args.batch_size} differs from the plan's batch size {plan.batch_size}")
     if plan.workload.name != workload.name:
         raise UserInputError(f"the plan is for workload {plan.workload.name!r}, not {workload.name!r}")
+    if args.plot is not None:
+        from asam_tune.plots import require_matplotlib
+        from asam_tune.records import check_writable
+
+        require_matplotlib()
+        check_writable(args.plot)
     result = run_speed_bench(workload, plan, steps=args.steps, progress=lambda message: say(f"measuring {message}"))
+    if args.plot is not None:
+        from asam_tune.plots import plot_timeline
+
+        plot_timeline(result["asam"]["timeline"], args.plot,
+                      title=f"{workload.name}, B={plan.batch_size}, b_p={plan.perturbation_batch_size}, "
+                            f"worker {plan.perturbation.key}")
+        say(f"timeline written to {args.plot}")
     if args.format == "json":
         print_json(result)
     elif args.format == "markdown":

@@ -121,9 +121,9 @@ class OutputTargetLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise UserInputError(f"loss_fn(output, target) needs (inputs, targets) batches, got "
-                                 f"{type(batch).__name__}: {batch!r:.80}; pass compute_loss=fn(model, batch) "
-                                 "for other batches")
+            shape = f" of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else ""
+            raise UserInputError(f"loss_fn(output, target) needs (inputs, targets) batches, got a "
+                                 f"{type(batch).__name__}{shape}; pass compute_loss=fn(model, batch) for other batches")
         return self.loss_fn(model(batch[0]), batch[1])
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ have had (its estimated finish minus that step's start).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,11 @@ __all__ = ["AdaptationFeed"]
 
 
 class AdaptationFeed:
-    def __init__(self, settings: AdaptationSettings, bound: int | None, clock: Callable[[], float]):
+    def __init__(self, settings: AdaptationSettings, bound: int | None, clock: Callable[[], float],
+                 floor_fraction: float | None = None):
         self.settings = settings
         self.bound = bound  # the plan's batch size; without a plan, the first batch's
+        self.floor_fraction = floor_fraction  # the plan's quality floor, b_p / B
         self.clock = clock
         self.adapter: BatchSizeAdapter | None = None
         self.submitted_at = 0.0  # when the last job was handed over
@@ -33,8 +36,9 @@ class AdaptationFeed:
         """Start at the first job; returns the b_p to use (the given one, within the bound)."""
         bound = self.bound or first_batch_size
         initial = min(perturbation_batch_size or bound, bound)
-        self.adapter = BatchSizeAdapter(initial, bound, self.settings)
-        return initial
+        floor = 1 if not self.floor_fraction else max(1, math.ceil(self.floor_fraction * bound - 1e-9))
+        self.adapter = BatchSizeAdapter(initial, bound, self.settings, floor=floor)
+        return self.adapter.batch_size
 
     def step_started(self) -> None:
         # The first step after construction or a resume has no previous finish: timed from here.

@@ -38,7 +38,7 @@ from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult
 from asam_tune.perturbers.batches import OutputTargetLoss, batch_size_of, slice_batch, tensor_ids
 from asam_tune.perturbers.state_sync import StructureWatch, structure_key
 from asam_tune.perturbers.weights import WeightSwap
-from asam_tune.runtime import checkpoint, options, workers
+from asam_tune.runtime import checkpoint, options, plan_fit, workers
 from asam_tune.runtime.adaptation import AdaptationSettings
 from asam_tune.runtime.adaptation_feed import AdaptationFeed
 from asam_tune.runtime.failures import SupervisedWorker
@@ -121,6 +121,10 @@ class AsyncSAM:
         self._clock = clock
         self._task = workers.ascent_task(workers.replicated_module(model), base_optimizer, self._compute_loss,
                                          self.adaptive, warn=True)
+        if plan_record is not None:
+            plan_fit.check_model(plan_record, self._task.model)
+        # The plan's b_p holds at its batch size: fitted to the first batch unless b_p was given.
+        self._plan_to_fit = plan_record if perturbation_batch_size is None else None
         self._structure = structure_key(self._task.model, self._task.perturbed)
         self._trainable = workers.trainable_key(base_optimizer)
         self._watch = StructureWatch(self._task.model)
@@ -133,8 +137,8 @@ class AsyncSAM:
         concurrent = device is not None or perturber is not None
         adapt_settings = options.adaptation_settings(adapt, plan_given=plan is not None, staleness=self.staleness,
                                                      rho=self.rho, concurrent=concurrent)
-        self._feed = None if adapt_settings is None else AdaptationFeed(adapt_settings, settings.training_batch_size,
-                                                                        clock)
+        self._feed = None if adapt_settings is None else AdaptationFeed(
+            adapt_settings, settings.training_batch_size, clock, settings.floor_fraction)
         self._stats = StatsRecorder()
         self._timeline = TimelineRecorder() if options.check_flag("record_timeline", record_timeline) else None
         self._schedule = PerturbationSchedule()
@@ -457,6 +461,13 @@ class AsyncSAM:
 
     def _submit(self, serves_step: int, batch: Any) -> bool:
         size = batch_size_of(batch)
+        if self.loss_fn is not None:
+            options.check_pair(batch)
+        if self._plan_to_fit is not None:
+            fit, self._plan_to_fit = plan_fit.fit_batch_size(self._plan_to_fit, size), None
+            if fit.warning is not None:
+                warnings.warn(f"asam-tune: {fit.warning}", RuntimeWarning, stacklevel=5)
+            self.perturbation_batch_size = fit.perturbation_batch_size
         if self._feed is not None and self._feed.adapter is None:
             self.perturbation_batch_size = self._feed.start(self.perturbation_batch_size, size)
         rows = min(self.perturbation_batch_size or size, size)

@@ -259,6 +259,10 @@ def place_rank(group: Any, *, worker_threads: int, main_cores: int | None = None
         # Explicit: torchrun leaves OMP_NUM_THREADS=1 when several ranks share a node.
         torch.set_num_threads(main)
         if placement.main_pinned and affinity.can_pin():
+            from asam_tune.fingerprint import remember_affinity_before_pinning
+
+            # Pinned by us, this process is still on the same machine for plans checked later.
+            remember_affinity_before_pinning(affinity.allowed_cores())
             affinity.pin_process(cores.main)  # every thread; children (data loaders) inherit it
     return placement
 

@@ -38,6 +38,7 @@ class PlanSettings:
     staleness: int | str | None = None
     training_batch_size: int | None = None  # B: the largest b_p adaptation may grow to
     rho_rule: RhoRule | None = None
+    floor_fraction: float | None = None  # the plan's quality floor on b_p / B
     # Per rank, for dividing a node's cores among torchrun's ranks (runtime/distributed.py).
     main_cores: int | None = None
     reserved_cores: int = 0
@@ -84,10 +85,19 @@ def settings_from_plan(plan: Any) -> PlanSettings:
         staleness=PLAN_MODES[mode],
         training_batch_size=getattr(plan, "batch_size", None),
         rho_rule=getattr(plan, "rho_rule", None) or NO_RHO_RULE,
+        floor_fraction=_floor_fraction(plan),
         main_cores=getattr(plan, "main_cores", None),
         reserved_cores=getattr(plan, "reserved_cores", 0),
         nproc_per_node=getattr(plan, "nproc_per_node", None),
     )
+
+
+def _floor_fraction(plan: Any) -> float | None:
+    quality = getattr(plan, "quality", None)
+    batch_size = getattr(plan, "batch_size", None)
+    if quality is None or not batch_size:
+        return None
+    return quality.min_perturbation_batch_size / batch_size
 
 
 def positive_int(name: str, value: Any) -> int | None:
@@ -168,6 +178,18 @@ def one_batch(args: tuple, where: str) -> Any:
     if len(args) == 2:
         return tuple(args)
     raise UserInputError(f"{where} takes one batch (or x, y), got {len(args)} arguments")
+
+
+def check_pair(batch: Any) -> None:
+    """An (inputs, targets) batch for loss_fn: one target per input row, checked before any worker sees it."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise UserInputError(f"loss_fn(output, target) needs (inputs, targets) batches, got a "
+                             f"{type(batch).__name__}; pass compute_loss=fn(model, batch) for other batches")
+    x, y = batch
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() and y.dim() \
+            and x.shape[0] != y.shape[0]:
+        raise UserInputError(f"Invalid batch: inputs {tuple(x.shape)} and targets {tuple(y.shape)} differ in rows "
+                             f"({x.shape[0]} != {y.shape[0]})")
 
 
 def rho_rule_from(value: Any, plan_rule: RhoRule | None) -> RhoRule:

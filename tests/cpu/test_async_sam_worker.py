@@ -107,9 +107,6 @@ def test_sigkilled_worker_warns_once_and_training_continues_as_synchronous_sam()
     assert min(candidates) <= 1e-10, candidates
 
 
-@pytest.mark.xfail(reason="runtime bug reported to lead: a batch whose tensors differ in rows is no longer "
-                          "refused up front; the worker's loss raises, AsyncSAM warns and falls back to "
-                          "synchronous SAM (fallbacks=1), then the in-process loss raises ValueError", strict=True)
 def test_a_batch_with_fewer_labels_than_inputs_is_a_user_error_not_a_worker_failure():
     model = bn_convnet()
     (x0, y0), (x1, y1) = batches((1, 6, 6), steps=2)

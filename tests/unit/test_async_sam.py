@@ -803,8 +803,6 @@ def test_loss_fn_rejects_batches_that_are_not_pairs_and_compute_loss_takes_them(
     assert any(not torch.equal(p, c) for p, c in zip(model.parameters(), clean))
 
 
-@pytest.mark.xfail(reason="runtime bug reported to lead: OutputTargetLoss's error embeds the batch's "
-                          "repr, which spans lines for a 2-d tensor", strict=True)
 def test_the_not_a_pair_error_is_one_line():
     model = mlp()
     with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO) as sam:

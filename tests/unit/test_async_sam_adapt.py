@@ -216,11 +216,13 @@ def test_the_plan_s_batch_size_bounds_growth_and_an_idle_worker_grows_b_p():
     worker = SimulatedWorker(clock, lambda step, b: 1.0)  # always idles 90%
     with AsyncSAM(model, sgd(model), timed_loss(clock), rho=RHO, plan=_plan(batch_size=56),
                   perturber=worker, clock=clock, adapt=SMALL) as sam:
-        train(sam, batches((6,), steps=12, batch=B))
+        # The plan's b_p 48 of 56 is rescaled to the batches' 64 (with a warning): 55.
+        with pytest.warns(RuntimeWarning, match="b_p scaled from 48 to 55"):
+            train(sam, batches((6,), steps=12, batch=B))
         stats = sam.stats()
-    # 48 -> min(56, 2 * 48, floor(48 * .9 * 10 / 1)) = 56 after the first full window (steps 1-4).
-    assert stats.perturbation_batch_size_trajectory == ((0, 48), (4, 56))
-    assert worker.rows == [48] * 6 + [56] * 6
+    # 55 -> min(56, 2 * 55, floor(55 * .9 * 10 / 1)) = 56 after the first full window (steps 1-4).
+    assert stats.perturbation_batch_size_trajectory == ((0, 55), (4, 56))
+    assert worker.rows == [55] * 6 + [56] * 6
 
 
 @pytest.mark.parametrize("kwargs, bad", [

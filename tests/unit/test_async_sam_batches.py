@@ -283,3 +283,20 @@ def test_loss_fn_and_compute_loss_are_exclusive():
     with pytest.raises(UserInputError, match="takes one batch"):
         sam.step(1, 2, 3)
     sam.close()
+
+
+def test_a_plan_for_another_model_is_refused_with_the_fix():
+    from asam_tune import api
+
+    plan = api.plan_for(api.load_profile("profiles/cpu-2core-mnist1d-cnn.json"), 100, asynchronous=True)
+    model = make_net()
+    with pytest.raises(UserInputError, match="the plan is for model 'mnist1d-cnn'.*asam-tune profile --model"):
+        AsyncSAM(model, torch.optim.SGD(model.parameters(), lr=LR), compute_loss=dict_loss, rho=RHO, plan=plan,
+                 allow_other_machine=True)
+
+
+def test_a_pair_whose_rows_differ_is_refused_before_any_worker_sees_it():
+    model = nn.Linear(4, 3).double()
+    with AsyncSAM(model, torch.optim.SGD(model.parameters(), lr=LR), F.cross_entropy, RHO, staleness=0) as sam:
+        with pytest.raises(UserInputError, match=r"differ in rows \(8 != 7\)"):
+            sam.step(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (7,)))
