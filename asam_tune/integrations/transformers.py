@@ -98,6 +98,21 @@ class _Peeking:
         return self._ahead[0]
 
 
+@contextlib.contextmanager
+def _without_autocast_forward(model: torch.nn.Module):
+    """The model as it was before accelerate wrapped its ``forward`` for mixed precision.
+
+    accelerate's wrapper refuses to be pickled, and the CPU worker's replica is a pickle of the
+    model: while ``AsyncSAM`` builds that replica, the instance's own ``forward`` is set aside,
+    so the worker computes the ascent in the model's own dtype (float32), without autocast.
+    """
+    kept = {name: model.__dict__.pop(name) for name in ("forward", "_original_forward") if name in model.__dict__}
+    try:
+        yield
+    finally:
+        model.__dict__.update(kept)
+
+
 def _running_trainer(callback: AsyncSAMCallback) -> tuple[Any, Any]:
     """The ``Trainer`` (and its frame) whose callback handler is calling ``callback`` now.
 
@@ -189,7 +204,8 @@ class AsyncSAMCallback(TrainerCallback):
         wrapped = getattr(trainer, "model_wrapped", None)
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             model = wrapped
-        self.sam = _async_sam_class()(model, base_optimizer, **self._options)
+        with _without_autocast_forward(getattr(model, "module", model)):
+            self.sam = _async_sam_class()(model, base_optimizer, **self._options)
         try:
             self._resume(args, state, None if frame is None else frame.f_locals.get("resume_from_checkpoint"))
             if self.rho > 0:

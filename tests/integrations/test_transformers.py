@@ -174,7 +174,9 @@ def test_save_and_resume_equals_the_straight_run(tmp_path):
 
 @pytest.mark.process
 @pytest.mark.timeout(120)
-def test_worker_killed_mid_training_falls_back_and_finishes(tmp_path):
+def test_worker_killed_mid_training_falls_back_and_finishes_in_bf16(tmp_path):
+    # bf16 on CPU: accelerate wraps the model's forward in autocast, and that wrapper cannot be
+    # pickled; the worker's replica is built without it.
     callback = AsyncSAMCallback(rho=0.05, perturbation_device="cpu", perturbation_batch_size=4)
 
     class Killer(transformers.TrainerCallback):
@@ -183,16 +185,10 @@ def test_worker_killed_mid_training_falls_back_and_finishes(tmp_path):
                 os.kill(callback.sam.worker_pid, signal.SIGKILL)
 
     with pytest.warns(RuntimeWarning, match="continuing with synchronous SAM"):
-        model, _ = train(tmp_path, callbacks=[callback, Killer()])
+        model, _ = train(tmp_path, callbacks=[callback, Killer()], model=tiny_bert(torch.float32), bf16=True)
     stats = callback.stats()
     assert stats.fallbacks == 1 and stats.steps == 2 * STEPS_PER_EPOCH
-    assert all(torch.isfinite(v).all() for v in weights(model).values())
-
-
-def test_bf16_on_cpu_trains(tmp_path):
-    callback = AsyncSAMCallback(rho=0.05, perturbation_batch_size=4, perturber=InProcessPerturber)
-    model, _ = train(tmp_path, callbacks=[callback], model=tiny_bert(torch.float32), bf16=True, max_steps=4)
-    assert callback.stats().steps == 4
+    assert stats.staleness_histogram.get(1, 0) >= 2  # the worker ran before it was killed
     assert all(torch.isfinite(v).all() for v in weights(model).values())
 
 
