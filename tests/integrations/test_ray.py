@@ -71,3 +71,8 @@ def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "asam_tune.integrations.ray")
     with pytest.raises(ImportError, match=r'pip install "asam-tune\[ray\]"'):
         importlib.import_module("asam_tune.integrations.ray")
+
+
+def test_the_docs_show_the_example_verbatim():
+    docs = (EXAMPLE.parents[1] / "cluster.md").read_text()
+    assert "```python\n" + EXAMPLE.read_text() + "```" in docs
