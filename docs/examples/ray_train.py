@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from asam_tune import api
 from asam_tune.integrations.ray import placement
-from asam_tune.runtime import AsyncSAM
+from asam_tune import AsyncSAM
 
 PLAN_PATH = None  # e.g. "plan.json" from `asam-tune plan`; loaded below, in the driver
 
