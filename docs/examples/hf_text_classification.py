@@ -90,13 +90,18 @@ def overhead(options: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     medians: dict[str, list[float]] = {"without": [], "with": []}
     staleness: list[dict] = []
+    waits: list[float] = []  # per run: the median time a step waited for the worker (handover + collect)
+    computes: list[float] = []  # per run: the worker's median time for one ascent
     for index in range(2 * options.rounds):
         sam = (index % 2 == 1) if (index // 2) % 2 == 0 else (index % 2 == 0)  # ABBA order
         _, callback, clock = run(options, sam, os.path.join(options.output_dir, f"overhead-{index}"),
                                  max_steps=options.overhead_steps)
         medians["with" if sam else "without"].append(statistics.median(clock.step_times(skip=5)))
         if sam:
-            staleness.append({str(k): v for k, v in callback.stats().staleness_histogram.items()})
+            stats = callback.stats()
+            staleness.append({str(k): v for k, v in stats.staleness_histogram.items()})
+            waits.append(stats.wait_median_s)
+            computes.append(stats.worker_compute_median_s)
     load_after = os.getloadavg()
     without, with_sam = statistics.median(medians["without"]), statistics.median(medians["with"])
     result = {
@@ -114,9 +119,12 @@ def overhead(options: argparse.Namespace) -> int:
         "per_run_median_step_s": medians,
         "overhead_ratio": with_sam / without,
         "staleness_histograms": staleness,
+        "per_run_median_wait_s": waits,
+        "per_run_median_worker_compute_s": computes,
     }
     summary = (f"step time (median): without the callback {without * 1e3:.2f} ms, with it {with_sam * 1e3:.2f} ms "
-               f"(x{with_sam / without:.2f}); load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+               f"(x{with_sam / without:.2f}); waiting for the worker {statistics.median(waits) * 1e3:.2f} ms "
+               f"a step, worker ascent {statistics.median(computes) * 1e3:.2f} ms; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     return emit_result(result, options.output, summary)
 
 
@@ -133,7 +141,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="the main process's torch threads")
     parser.add_argument("--output-dir", default="hf_example_output", help="the Trainer's output_dir")
     parser.add_argument("--overhead", action="store_true", help="time the Trainer with and without the callback")
-    parser.add_argument("--overhead-steps", type=int, default=60)
+    parser.add_argument("--overhead-steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="--overhead: runs of each kind")
     parser.add_argument("--output", help="--overhead: write the result as JSON here")
     options = parser.parse_args()
