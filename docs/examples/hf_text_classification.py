@@ -68,8 +68,11 @@ class StepClock(transformers.TrainerCallback):
         return [b - a for a, b in zip(self.ends[skip:], self.ends[skip + 1:])]
 
 
-def run(options: argparse.Namespace, sam: bool, output_dir: str, max_steps: int = -1, eval_data=None):
-    callback = AsyncSAMCallback(rho=options.rho, perturbation_device="cpu",
+def run(options: argparse.Namespace, sam: bool, output_dir: str, max_steps: int = -1, eval_data=None,
+        synchronous: bool = False):
+    """``synchronous``: SAM in the main process (staleness 0), the cost asynchronous SAM hides."""
+    device, staleness = (None, 0) if synchronous else ("cpu", 1)
+    callback = AsyncSAMCallback(rho=options.rho, perturbation_device=device, staleness=staleness,
                                 perturbation_batch_size=options.perturbation_batch_size) if sam else None
     clock = StepClock()
     args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=options.batch_size,
@@ -83,31 +86,37 @@ def run(options: argparse.Namespace, sam: bool, output_dir: str, max_steps: int 
     return trainer, callback, clock
 
 
+CONFIGURATIONS = ("without", "with", "synchronous")
+
+
 def overhead(options: argparse.Namespace) -> int:
-    """Alternate runs without and with the callback; median step times, then their ratio."""
+    """Runs without the callback, with it (CPU worker, staleness 1) and with synchronous SAM in the
+    main process, in a rotating order; per run the median step time, then the median over runs."""
     from asam_tune.bench.provenance import emit_result, provenance
 
     load_before = os.getloadavg()
-    medians: dict[str, list[float]] = {"without": [], "with": []}
+    medians: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
     staleness: list[dict] = []
-    waits: list[float] = []  # per run: the median time a step waited for the worker (handover + collect)
-    computes: list[float] = []  # per run: the worker's median time for one ascent
-    for index in range(2 * options.rounds):
-        sam = (index % 2 == 1) if (index // 2) % 2 == 0 else (index % 2 == 0)  # ABBA order
-        _, callback, clock = run(options, sam, os.path.join(options.output_dir, f"overhead-{index}"),
-                                 max_steps=options.overhead_steps)
-        medians["with" if sam else "without"].append(statistics.median(clock.step_times(skip=5)))
-        if sam:
-            stats = callback.stats()
-            staleness.append({str(k): v for k, v in stats.staleness_histogram.items()})
-            waits.append(stats.wait_median_s)
-            computes.append(stats.worker_compute_median_s)
+    waits: list[float] = []  # per asynchronous run: the median time a step waited for the worker
+    computes: list[float] = []  # per asynchronous run: the worker's median time for one ascent
+    for round_index in range(options.rounds):
+        order = CONFIGURATIONS[round_index % 3:] + CONFIGURATIONS[:round_index % 3]
+        for name in order:
+            _, callback, clock = run(options, name != "without", os.path.join(options.output_dir, "overhead"),
+                                     max_steps=options.overhead_steps, synchronous=name == "synchronous")
+            medians[name].append(statistics.median(clock.step_times(skip=5)))
+            if name == "with":
+                stats = callback.stats()
+                staleness.append({str(k): v for k, v in stats.staleness_histogram.items()})
+                waits.append(stats.wait_median_s)
+                computes.append(stats.worker_compute_median_s)
     load_after = os.getloadavg()
-    without, with_sam = statistics.median(medians["without"]), statistics.median(medians["with"])
+    step = {name: statistics.median(values) for name, values in medians.items()}
     result = {
-        "what": "HF Trainer step time with AsyncSAMCallback (rho>0, CPU worker, 1 thread, staleness 1) against the "
-                "same Trainer without it; per run the median of the time between consecutive steps' ends "
-                "(first 5 steps skipped), then the median over runs",
+        "what": "HF Trainer step time with AsyncSAMCallback (rho>0, CPU worker, 1 thread, staleness 1), with "
+                "synchronous SAM in the main process (the same callback, staleness 0) and without the callback; "
+                "per run the median of the time between consecutive steps' ends (first 5 steps skipped), "
+                "then the median over runs",
         "provenance": provenance(),
         "settings": {"model": "BertForSequenceClassification hidden 32, 2 layers, 4 heads, seq 16, float32",
                      "batch_size": options.batch_size, "perturbation_batch_size": options.perturbation_batch_size,
@@ -115,16 +124,18 @@ def overhead(options: argparse.Namespace) -> int:
                      "main_threads": torch.get_num_threads(), "worker_threads": 1,
                      "transformers": transformers.__version__},
         "load_average_1_5_15": {"before": load_before, "after": load_after},
-        "median_step_s": {"without": without, "with": with_sam},
+        "median_step_s": step,
         "per_run_median_step_s": medians,
-        "overhead_ratio": with_sam / without,
+        "ratio_to_without": {name: step[name] / step["without"] for name in CONFIGURATIONS},
         "staleness_histograms": staleness,
         "per_run_median_wait_s": waits,
         "per_run_median_worker_compute_s": computes,
     }
-    summary = (f"step time (median): without the callback {without * 1e3:.2f} ms, with it {with_sam * 1e3:.2f} ms "
-               f"(x{with_sam / without:.2f}); waiting for the worker {statistics.median(waits) * 1e3:.2f} ms "
-               f"a step, worker ascent {statistics.median(computes) * 1e3:.2f} ms; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    summary = (f"step time (median): without the callback {step['without'] * 1e3:.2f} ms, with it "
+               f"{step['with'] * 1e3:.2f} ms (x{step['with'] / step['without']:.2f}), synchronous SAM "
+               f"{step['synchronous'] * 1e3:.2f} ms (x{step['synchronous'] / step['without']:.2f}); waiting for "
+               f"the worker {statistics.median(waits) * 1e3:.2f} ms a step, worker ascent "
+               f"{statistics.median(computes) * 1e3:.2f} ms; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     return emit_result(result, options.output, summary)
 
 
