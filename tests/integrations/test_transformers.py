@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import signal
 import sys
 
@@ -166,8 +167,11 @@ def test_save_and_resume_equals_the_straight_run(tmp_path):
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     assert state["step"] == 4 and [p["serves_step"] for p in state["pending"]] == [4]
 
+    # Resumed from a copy elsewhere, into another output_dir: the state comes from the folder given.
+    moved = tmp_path / "moved" / "checkpoint-4"
+    shutil.copytree(checkpoint, moved)
     resumed_callback = callback()
-    resumed, _ = train(tmp_path / "resumed", callbacks=[resumed_callback], resume=str(checkpoint))
+    resumed, _ = train(tmp_path / "elsewhere", callbacks=[resumed_callback], resume=str(moved))
     assert_close(weights(resumed), weights(straight), 0.0)
     assert resumed_callback.stats().staleness_histogram == straight_callback.stats().staleness_histogram
 
