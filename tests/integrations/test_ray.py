@@ -76,3 +76,60 @@ def test_missing_ray_names_the_extra(monkeypatch):
 def test_the_docs_show_the_example_verbatim():
     docs = (EXAMPLE.parents[1] / "cluster.md").read_text()
     assert "```python\n" + EXAMPLE.read_text() + "```" in docs
+
+
+class _Context:
+    def __init__(self, cpus):
+        self.cpus = cpus
+
+    def get_assigned_resources(self):
+        return {"CPU": self.cpus}
+
+
+@pytest.fixture
+def ray_worker(monkeypatch):
+    """This process as a Ray worker that was given ``cpus`` CPUs; torch's thread count restored after."""
+    import ray
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+
+    def given(cpus):
+        monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context(cpus))
+
+    yield given
+    torch.set_num_threads(threads)
+
+
+def test_placement_splits_rays_cpus_and_stays_inside_the_mask(ray_worker):
+    import torch
+
+    mask = sorted(os.sched_getaffinity(0))
+    ray_worker(len(mask))
+    if len(mask) < 2:
+        pytest.skip("needs 2 usable cores")
+    assert ray_integration.placement(perturbation_device="cpu") == {"threads": 1, "cores": tuple(mask)}
+    assert torch.get_num_threads() == len(mask) - 1
+    # More CPUs than the mask holds: the mask wins. A GPU worker gets no threads or cores.
+    ray_worker(len(mask) + 8)
+    assert ray_integration.assigned_cpus() == len(mask)
+    ray_worker(1.5)
+    with pytest.raises(UserInputError, match="too few for a CPU perturbation worker"):
+        ray_integration.placement(perturbation_device="cpu")
+
+
+def test_placement_follows_a_plans_worker_threads_and_reserve(ray_worker, monkeypatch):
+    import torch
+
+    from asam_tune import api
+    from tests.fixtures.costmodel_profiles import gpu_with_cpu
+
+    plan = api.plan_for(gpu_with_cpu(), 100)
+    assert plan.perturbation.device == "cpu"
+    need = api.ray_resources_per_worker(plan)["CPU"]
+    monkeypatch.setattr(ray_integration, "_allowed", lambda: list(range(10, 10 + need)))  # a Ray worker's mask
+    ray_worker(need)
+    options = ray_integration.placement(plan)
+    assert options == {"threads": plan.perturbation.threads, "cores": tuple(range(10, 10 + need))}
+    assert torch.get_num_threads() == need - plan.reserved_cores - plan.perturbation.threads
