@@ -175,6 +175,10 @@ def test_save_and_resume_equals_the_straight_run(tmp_path):
     assert_close(weights(resumed), weights(straight), 0.0)
     assert resumed_callback.stats().staleness_histogram == straight_callback.stats().staleness_histogram
 
+    (moved / STATE_FILE).unlink()  # a checkpoint from before the callback: trains on, and says so
+    with pytest.warns(RuntimeWarning, match="starts afresh"):
+        train(tmp_path / "elsewhere", callbacks=[callback()], resume=str(moved))
+
 
 @pytest.mark.process
 @pytest.mark.timeout(120)
