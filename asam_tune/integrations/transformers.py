@@ -155,7 +155,13 @@ class AsyncSAMCallback(TrainerCallback):
         if unknown:
             raise UserInputError(f"AsyncSAMCallback got unknown option(s) {unknown} (expected AsyncSAM's: "
                                  f"{', '.join(sorted(accepted))})")
+        # What can be checked without a model fails here, not at trainer.train().
         self.rho = checks.check_rho(rho)
+        if staleness is not None:
+            checks.check_staleness(staleness)
+        checks.positive_int("perturbation_batch_size", perturbation_batch_size)
+        checks.parse_device(perturbation_device)
+        checks.check_flag("adaptive", adaptive)
         if compute_loss is not None and not callable(compute_loss):
             raise UserInputError(f"Invalid compute_loss: {compute_loss!r:.80} (expected a callable(model, batch))")
         if isinstance(plan, (str, os.PathLike)):

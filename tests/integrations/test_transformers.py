@@ -236,6 +236,12 @@ def test_bad_options_fail_in_one_line():
         AsyncSAMCallback(rho=0.05, rhoo=1)
     with pytest.raises(UserInputError, match="Invalid rho"):
         AsyncSAMCallback(rho=-1)
+    with pytest.raises(UserInputError, match="Invalid staleness"):
+        AsyncSAMCallback(staleness=2)
+    with pytest.raises(UserInputError, match="Invalid perturbation_batch_size"):
+        AsyncSAMCallback(perturbation_batch_size=0)
+    with pytest.raises(UserInputError, match="Invalid perturbation_device"):
+        AsyncSAMCallback(perturbation_device="tpu:0")
     with pytest.raises(UserInputError, match="before training started"):
         AsyncSAMCallback().stats()
 
