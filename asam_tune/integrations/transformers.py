@@ -202,7 +202,7 @@ class AsyncSAMCallback(TrainerCallback):
             raise UserInputError("AsyncSAMCallback must be called by a transformers.Trainer (none found on the stack)")
         if not callable(getattr(trainer, "get_batch_samples", None)):
             raise UserInputError(f"AsyncSAMCallback needs a Trainer that fetches batches with get_batch_samples "
-                                 f"(transformers >= 4.46), found transformers {transformers.__version__}")
+                                 f"(a recent transformers; 5.24 is tested), found transformers {transformers.__version__}")
         self._trainer = trainer
         self._wrap_train(trainer)
         # accelerate wraps the optimizer; its step hooks and state belong to the inner one.
