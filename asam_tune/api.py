@@ -136,10 +136,15 @@ def resources(plan: Plan) -> dict:
 def ray_resources_per_worker(plan: Plan) -> dict:
     """One rank's needs in Ray's vocabulary: ``ScalingConfig(resources_per_worker=...)``.
 
-    (``resources()``'s own keys would read to Ray as custom resources no node has.)
+    (``resources()``'s own keys would read to Ray as custom resources no node has.) ``memory``
+    (bytes, Ray's own resource) is the CPU worker's replica and shared buffers; present only
+    with a CPU worker, it does not include the training process's own memory.
     """
     need = resources(plan)
-    return {"CPU": need["cpu_cores_per_rank"], "GPU": need["gpus_per_rank"]}
+    out = {"CPU": need["cpu_cores_per_rank"], "GPU": need["gpus_per_rank"]}
+    if need["host_memory_bytes_per_rank"]:
+        out["memory"] = need["host_memory_bytes_per_rank"]
+    return out
 
 
 def check_machine(plan_or_profile: Plan | Profile, *, allow_other_machine: bool = False,

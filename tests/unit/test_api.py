@@ -168,5 +168,7 @@ def test_ray_resources_per_worker_uses_rays_keys():
 
     plan = api.plan_for(gpu_with_cpu(), 100)
     need = api.resources(plan)
-    assert api.ray_resources_per_worker(plan) == {"CPU": need["cpu_cores_per_rank"], "GPU": need["gpus_per_rank"]}
+    assert plan.perturbation.device == "cpu" and need["host_memory_bytes_per_rank"] > 0
+    assert api.ray_resources_per_worker(plan) == {"CPU": need["cpu_cores_per_rank"], "GPU": need["gpus_per_rank"],
+                                                  "memory": need["host_memory_bytes_per_rank"]}
     assert api.ray_resources_per_worker(plan)["GPU"] == 1
