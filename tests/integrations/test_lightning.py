@@ -1,13 +1,16 @@
 """AsyncSAMCallback in a real Lightning Trainer against a plain AsyncSAM loop over the same batches.
 
-Each Trainer run starts one CPU worker; the models are tiny and an epoch is a few steps.
+A Trainer run with a CPU worker costs the worker's start (torch and lightning imported again);
+the tests whose subject is the hooks' order run the ascent in-process (staleness 1 all the same).
 """
 from __future__ import annotations
 
 import copy
 import os
 import signal
-import warnings
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,51 +19,14 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from asam_tune.errors import UserInputError  # noqa: E402
 from asam_tune.integrations.lightning import AsyncSAMCallback  # noqa: E402
 from asam_tune.runtime.async_sam import AsyncSAM  # noqa: E402
+from tests.integrations.lightning_models import BATCH, BP, LR, RHO, SEED, Classifier, ascent_loss, dataset  # noqa: E402
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
-
-RHO, LR, BATCH, BP, SEED = 0.05, 0.1, 8, 4, 7
-
-
-class Classifier(pl.LightningModule):
-    """An ordinary module: logs in training_step, with or without an LR scheduler."""
-
-    def __init__(self, scheduler: bool = False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
-        self.scheduler = scheduler
-        # Made in float64: Lightning loads a checkpoint's weights before "64-true" converts the
-        # module, so a float32 module would round the restored weights to float32.
-        self.double()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
-        return {"loss": loss} if batch_idx % 2 else loss
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
-        if not self.scheduler:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)}
-
-
-def ascent_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model.net(x), y)
-
-
-def dataset(batches: int = 6) -> TensorDataset:
-    generator = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(batches * BATCH, 6, generator=generator),
-                         torch.randint(0, 3, (batches * BATCH,), generator=generator))
 
 
 def trainer(callback, **kwargs) -> pl.Trainer:
@@ -72,7 +38,9 @@ def trainer(callback, **kwargs) -> pl.Trainer:
 
 def callback(**kwargs) -> AsyncSAMCallback:
     kwargs.setdefault("perturbation_device", "cpu")
-    return AsyncSAMCallback(RHO, perturbation_batch_size=BP, threads=1, seed=SEED, **kwargs)
+    if kwargs["perturbation_device"] == "cpu":
+        kwargs.setdefault("threads", 1)
+    return AsyncSAMCallback(RHO, perturbation_batch_size=BP, seed=SEED, **kwargs)
 
 
 def reference(module, data, *, staleness, epochs=1, accumulate=1, clip=None, scheduler=False):
@@ -137,7 +105,7 @@ def test_a_checkpoint_after_an_epoch_resumes_to_the_straight_run(tmp_path):
     straight = Classifier()
     reference(straight, dataset(), staleness=1, epochs=2)
 
-    first = callback()
+    first = callback(perturbation_device=None)  # in-process; the resumed run has a worker: the state moves
     run = trainer(first, max_epochs=1)
     run.fit(Classifier(), DataLoader(dataset(), batch_size=BATCH))
     path = tmp_path / "epoch1.ckpt"
@@ -157,7 +125,7 @@ def test_a_checkpoint_after_an_epoch_resumes_to_the_straight_run(tmp_path):
 def test_bf16_mixed_on_cpu_trains():
     module = Classifier().float()
     before = copy.deepcopy(module)
-    cb = callback(staleness=1)
+    cb = callback(staleness=1, perturbation_device=None)  # the hooks' order is the worker's too; no start-up
     trainer(cb, precision="bf16-mixed").fit(module, DataLoader(dataset(), batch_size=BATCH))
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert max_diff(module, before) > 0
@@ -198,3 +166,89 @@ def test_bad_options_fail_at_construction_in_one_line():
         AsyncSAMCallback(-1.0)
     with pytest.raises(UserInputError, match="before training started"):
         AsyncSAMCallback().stats()
+
+
+class PoisonedClassifier(Classifier):
+    """The loss of batch 2 is infinite: GradScaler must skip that optimizer step, as without SAM."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        loss = loss["loss"] if isinstance(loss, dict) else loss
+        return loss * float("inf") if batch_idx == 2 else loss
+
+
+def test_16_mixed_gradscaler_unscales_clips_and_skips_as_lightning_does():
+    # Lightning refuses precision="16-mixed" on CPU, but its MixedPrecision plugin runs there with
+    # a CPU GradScaler: the same step order (closure, unscale_, on_before_optimizer_step, clip,
+    # scaler.step, update) as on CUDA.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = PoisonedClassifier().float()
+    plain = copy.deepcopy(module)
+    cb = callback(staleness=1, perturbation_device=None)
+    run = pl.Trainer(callbacks=[cb], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, max_epochs=1, gradient_clip_val=0.05,
+                     plugins=[MixedPrecision("16-mixed", "cpu")])
+    run.fit(module, DataLoader(dataset(), batch_size=BATCH))
+
+    optimizer = torch.optim.SGD(plain.parameters(), lr=LR, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    batches = list(DataLoader(dataset(), batch_size=BATCH))
+    with AsyncSAM(plain, optimizer, compute_loss=ascent_loss, rho=RHO, perturbation_batch_size=BP, seed=SEED) as sam:
+        for i, batch in enumerate(sam.lookahead(batches)):
+            with sam.perturbed(batch):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = ascent_loss(plain, batch) * (float("inf") if i == 2 else 1.0)
+                scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            sam.finish_step()
+    assert run.precision_plugin.scaler.get_scale() == scaler.get_scale() < 2.0 ** 16  # one step skipped
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert max_diff(module, plain) <= 1e-6
+    assert cb.stats().steps == 6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_on_cpu_equals_two_plain_loops_with_averaged_gradients(tmp_path):
+    # Two ranks, each with its worker, in their own processes (Lightning's launcher reruns the command).
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "tests.integrations.lightning_ddp_run", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=360)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    # The reference: rank r's batches are samples r, r+2, ... (DistributedSampler, no shuffle); each
+    # rank perturbs with its own batches, and the descent gradient is the ranks' mean.
+    data = dataset(12)
+    models = [Classifier(), Classifier()]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
+    sams = [AsyncSAM(m, o, compute_loss=ascent_loss, rho=RHO, perturbation_batch_size=BP, seed=SEED)
+            for m, o in zip(models, optimizers)]
+    shards = [[(x.double(), y) for x, y in DataLoader(torch.utils.data.Subset(data, range(r, len(data), 2)),
+                                                      batch_size=BATCH)] for r in (0, 1)]
+    steps = len(shards[0])
+    for t in range(steps):
+        for r in (0, 1):
+            following = shards[r][t + 1] if t + 1 < steps else None
+            with sams[r].perturbed(shards[r][t], next_batch=following):
+                ascent_loss(models[r], shards[r][t]).backward()
+        for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
+            mean = (p0.grad + p1.grad) / 2
+            p0.grad, p1.grad = mean.clone(), mean.clone()
+        for r in (0, 1):
+            optimizers[r].step()
+            optimizers[r].zero_grad()
+            sams[r].finish_step()
+    for sam in sams:
+        sam.close()
+
+    for rank in ranks:
+        assert rank["steps"] == steps and rank["fallbacks"] == 0
+        assert rank["histogram"] == {0: 1, 1: steps - 1}
+        for name, value in models[0].state_dict().items():
+            assert (rank["weights"][name] - value).abs().max().item() <= 1e-9, name
