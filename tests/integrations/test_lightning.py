@@ -89,6 +89,26 @@ def test_one_epoch_equals_the_plain_asyncsam_loop(staleness):
     assert cb.sam.worker_pid is None  # closed at the end of training
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """No length: Lightning's fetcher then prefetches a batch itself, which the look-ahead reuses."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def test_an_iterable_dataset_equals_the_plain_loop():
+    module = Classifier()
+    plain = copy.deepcopy(module)
+    cb = callback(staleness=1, perturbation_device=None)
+    trainer(cb).fit(module, DataLoader(Stream(dataset()), batch_size=BATCH))
+    expected = reference(plain, dataset(), staleness=1)
+    assert max_diff(module, plain) <= 1e-9
+    assert cb.stats().staleness_histogram == expected.staleness_histogram == {0: 1, 1: 5}
+
+
 def test_accumulation_and_clipping_equal_the_plain_loop():
     # 7 batches, 2 per step: 4 steps, the last of one batch; clipping acts on the descent gradient.
     module = Classifier()
