@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -69,12 +69,20 @@ class TrainingStepLoss:
 
 
 class PeekingIterator(Iterator):
-    """``inner``'s items in order; ``peek(n)`` pulls ahead to the n-th coming one (0: the next)."""
+    """``inner``'s items in order; ``peek(n)`` pulls ahead to the n-th coming one (0: the next).
 
-    def __init__(self, inner: Iterator):
+    ``ahead``: items taken from ``inner`` earlier (before a checkpoint), handed on first.
+    """
+
+    def __init__(self, inner: Iterator, ahead: Iterable = ()):
         self.inner = inner
-        self._ahead: collections.deque = collections.deque()
+        self._ahead: collections.deque = collections.deque(ahead)
         self._exhausted = False
+
+    @property
+    def ahead(self) -> list:
+        """The items pulled from ``inner`` and not handed on yet."""
+        return list(self._ahead)
 
     def __next__(self) -> Any:
         if self._ahead:

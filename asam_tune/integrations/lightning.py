@@ -92,6 +92,8 @@ class AsyncSAMCallback(Callback):
         self._next_batch: Any = None
         self._perturbed: contextlib.ExitStack | None = None
         self._optimizer_stepping = False
+        self._fetcher: Any = None
+        self._loaders_resumable = False
 
     # ------------------------------------------------------------------ public surface
 
@@ -104,23 +106,25 @@ class AsyncSAMCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.sam is None or self.sam._closed:
             return dict(self._last_state or self._state_to_load or {})
-        return _without_optimizer(self.sam.state_dict())
+        return self._state_now()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         self._state_to_load = dict(state_dict)
         if self.sam is not None and not self.sam._closed:
-            self._load_pending()
+            self._load_pending(None)
 
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         _check_trainer(trainer, pl_module)
         self._close()
+        self._fetcher = trainer.fit_loop._data_fetcher
+        self._loaders_resumable = _resumable(trainer)
         self.sam = AsyncSAM(pl_module, trainer.optimizers[0], **self._arguments)
         self._last_state = None
-        self._load_pending()
+        self._load_pending(trainer)
         self._wrap_training_step(trainer.strategy)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -148,7 +152,7 @@ class AsyncSAMCallback(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.sam is not None and not self.sam._closed:
-            self._last_state = _without_optimizer(self.sam.state_dict())
+            self._last_state = self._state_now()
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -203,12 +207,25 @@ class AsyncSAMCallback(Callback):
         batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-    def _load_pending(self) -> None:
+    def _state_now(self) -> dict[str, Any]:
+        state = _without_optimizer(self.sam.state_dict())
+        # Batches the look-ahead took from a resumable loader but Lightning has not reached: the
+        # loader's own state counts them as taken, so a resume must hand them on first.
+        iterator = getattr(self._fetcher, "iterator", None)
+        if isinstance(iterator, PeekingIterator) and self._loaders_resumable:
+            state["lookahead_items"] = iterator.ahead
+        return state
+
+    def _load_pending(self, trainer: Any) -> None:
         state, self._state_to_load = self._state_to_load, None
         if state is None:
             return
+        items = state.pop("lookahead_items", None)
         # The base optimizer's state is Lightning's to restore (and it has): hand its current one back.
         self.sam.load_state_dict(dict(state, base_optimizer=self.sam.base_optimizer.state_dict()))
+        if items and trainer is not None and self._loaders_resumable:
+            fetcher = trainer.fit_loop._data_fetcher
+            fetcher.iterator = PeekingIterator(fetcher.iterator, items)
 
     def _close(self) -> None:
         self._restore()
@@ -219,6 +236,14 @@ class AsyncSAMCallback(Callback):
             self._strategy = None
         if self.sam is not None:
             self.sam.close()
+
+
+def _resumable(trainer: Any) -> bool:
+    """Lightning's test for loaders whose position a checkpoint keeps (``state_dict``/``load_state_dict``)."""
+    from lightning.fabric.utilities.types import _Stateful
+
+    loader = trainer.fit_loop._combined_loader
+    return loader is not None and all(isinstance(each, _Stateful) for each in loader.flattened)
 
 
 def _without_optimizer(state: dict[str, Any]) -> dict[str, Any]:

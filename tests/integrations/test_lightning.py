@@ -142,6 +142,52 @@ def test_a_checkpoint_after_an_epoch_resumes_to_the_straight_run(tmp_path):
     assert resumed.stats().steps == 12  # the statistics carry on from the checkpoint
 
 
+class ResumableLoader(DataLoader):
+    """A loader whose position a checkpoint keeps (Lightning's state_dict/load_state_dict protocol)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.taken, self._skip = 0, 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self.taken = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self.taken += 1
+                yield batch
+
+    def state_dict(self):
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state):
+        self._skip = state["taken"]
+
+
+def test_a_checkpoint_mid_epoch_resumes_to_the_straight_run_with_a_resumable_loader(tmp_path):
+    # The checkpoint after step 3: the look-ahead has taken batch 3 from the loader (whose state says
+    # 4 taken) and the perturbation for step 3 is pending. Both travel in the callback's state.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(sam_callback, **kwargs):
+        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+        return pl.Trainer(callbacks=[sam_callback, saver], accelerator="cpu", devices=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, max_epochs=1, precision="64-true",
+                          **kwargs)
+
+    straight, straight_sam = Classifier(), callback(perturbation_device=None)
+    run(straight_sam).fit(straight, ResumableLoader(dataset(), batch_size=BATCH))
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    state = torch.load(path, weights_only=False)["callbacks"][straight_sam.state_key]
+    assert state["step"] == 3 and len(state["pending"]) == 1 and len(state["lookahead_items"]) == 1
+
+    resumed_module, resumed = Classifier(), callback(perturbation_device=None)
+    run(resumed).fit(resumed_module, ResumableLoader(dataset(), batch_size=BATCH), ckpt_path=path)
+    assert max_diff(resumed_module, straight) <= 1e-9
+    assert resumed.stats().steps == 6
+    assert resumed.stats().staleness_histogram == straight_sam.stats().staleness_histogram == {0: 1, 1: 5}
+
+
 def test_bf16_mixed_on_cpu_trains():
     module = Classifier().float()
     before = copy.deepcopy(module)
