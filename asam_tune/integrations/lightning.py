@@ -23,7 +23,10 @@ trainer's own step, in automatic optimization:
 - ``on_train_end``, ``on_exception``, ``teardown``: the worker stops.
 
 The callback's state in a checkpoint is ``AsyncSAM.state_dict()`` without the base
-optimizer's state (Lightning saves that itself).
+optimizer's state (Lightning saves that itself) and, when every train loader is resumable
+(``state_dict``/``load_state_dict``), the batches the look-ahead took from the loader before
+Lightning reached them: the loader's saved position is past them, so a resume hands them on
+first.
 """
 from __future__ import annotations
 
