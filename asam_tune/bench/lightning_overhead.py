@@ -77,8 +77,8 @@ def measure(steps: int = 60, warmup: int = 10, batch_size: int = 128, perturbati
     torch.set_num_threads(1)  # the main process's core; the worker has the other
     arms = {
         "plain": lambda: [],
-        "async": lambda: [AsyncSAMCallback(rho, perturbation_device="cpu", perturbation_batch_size=perturbation_batch_size,
-                                           staleness=1, threads=1)],
+        "async": lambda: [AsyncSAMCallback(rho, perturbation_device="cpu", staleness=1, threads=1,
+                                           perturbation_batch_size=perturbation_batch_size)],
         "sync": lambda: [AsyncSAMCallback(rho, perturbation_batch_size=perturbation_batch_size, staleness=0)],
     }
     result: dict[str, Any] = {"steps": steps, "warmup": warmup, "rounds": rounds, "batch_size": batch_size,

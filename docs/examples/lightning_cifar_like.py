@@ -89,7 +89,8 @@ def main() -> None:
     if callbacks:
         stats = callbacks[0].stats()
         print(f"staleness {dict(stats.staleness_histogram)}, fallbacks {stats.fallbacks}, "
-              f"median wait {stats.wait_median_s * 1e3:.1f} ms, worker compute {stats.worker_compute_median_s * 1e3:.1f} ms")
+              f"median wait {stats.wait_median_s * 1e3:.1f} ms, "
+              f"worker compute {stats.worker_compute_median_s * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
