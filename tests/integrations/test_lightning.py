@@ -225,6 +225,24 @@ def test_a_killed_worker_falls_back_and_training_finishes():
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+class FailingClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("the module failed")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_in_training_closes_the_sam_and_unwraps_the_strategy():
+    cb = callback(staleness=1, perturbation_device=None)
+    run = trainer(cb)
+    with pytest.raises(RuntimeError, match="the module failed"):
+        run.fit(FailingClassifier(), DataLoader(dataset(), batch_size=BATCH))
+    assert "training_step" not in vars(run.strategy)
+    with pytest.raises(UserInputError, match="closed"):
+        cb.sam.prefetch(next(iter(DataLoader(dataset(), batch_size=BATCH))))
+    assert cb.stats().steps == 2
+
+
 def test_bad_options_fail_at_construction_in_one_line():
     with pytest.raises(UserInputError, match="unknown option.*lossfn"):
         AsyncSAMCallback(0.05, lossfn=F.cross_entropy)
