@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--perturbation-batch-size", type=int, default=32)
-    # 0.05, SAM's CIFAR default for long runs, holds this 32-step run of a small net at chance
-    # accuracy (with or without the callback, synchronous or not); 0.02 trains.
+    # 0.05, SAM's CIFAR default for long runs, held this 32-step run of a small net at chance
+    # accuracy (through the callback and in a plain AsyncSAM loop, synchronous or not); 0.02 trains.
     parser.add_argument("--rho", type=float, default=0.02)
     parser.add_argument("--no-sam", action="store_true", help="the same Trainer without the callback")
     args = parser.parse_args()
