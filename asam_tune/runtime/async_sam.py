@@ -65,8 +65,10 @@ class AsyncSAM:
         rho: the perturbation radius at the full batch. The rho applied follows ``b_p``
             through ``rho_rule``.
         plan: a Plan or its path (``asam-tune plan``); explicit arguments override it.
-        perturbation_device: None (in-process, synchronous), ``"cpu"`` (a worker process) or
-            ``"cuda:N"`` (another GPU, or a second stream of the main one).
+        perturbation_device: None (in-process, synchronous), ``"cpu"`` (a worker process),
+            ``"cuda"`` (a second stream of the model's own GPU), ``"cuda:+K"`` (the K-th GPU
+            after the model's: each torchrun rank's own), ``"cuda:N"`` (GPU N), or a mapping
+            ``{local_rank: device}``. A plan's GPU is read relative to the model's the same way.
         perturbation_batch_size: ``b_p``; None means the whole batch.
         threads, cores: the CPU worker's threads and cores.
         staleness: 1 (the paper's), 0 (synchronous SAM) or ``"non_blocking"``; default the
@@ -104,7 +106,9 @@ class AsyncSAM:
         plan_record = options.load_plan(plan, allow_other_machine) if plan is not None else None
         settings = options.settings_from_plan(plan_record) if plan_record is not None else options.PlanSettings()
         cores_given = cores is not None
-        device, threads, cores = options.worker_placement(settings, perturbation_device, threads, cores, perturber)
+        device, threads, cores = options.worker_placement(
+            settings, perturbation_device, threads, cores, perturber,
+            main_device=options.main_device_of(workers.replicated_module(model)))
 
         self.model, self.base_optimizer, self.loss_fn = model, base_optimizer, loss_fn
         self._compute_loss = compute_loss if compute_loss is not None else OutputTargetLoss(loss_fn)
@@ -163,6 +167,10 @@ class AsyncSAM:
                 reserved_cores=settings.reserved_cores, expected_local_world_size=settings.nproc_per_node,
                 main_device=self._params[0].device)
             threads, cores = self.placement.worker_threads, self.placement.cores.worker
+        if group is not None and perturber is None and device is not None and device.type == "cuda":
+            from asam_tune.runtime.distributed import check_worker_devices
+
+            check_worker_devices(group, self._params[0].device, device)  # collective
         self._factory = workers.worker_factory(device, threads, cores, self._params[0].device, perturber,
                                        timeout_s=self._timeout, start_timeout_s=options.check_seconds(
                                            "worker_start_timeout_s", worker_start_timeout_s))
