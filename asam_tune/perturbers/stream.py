@@ -29,7 +29,8 @@ import torch
 
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.perturbers.ascent import ascent_perturbation, parameters_at
-from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase, remote_error_name
+from asam_tune.perturbers.base import (AscentJob, AscentTask, PerturbationResult, PerturberBase, check_timeout,
+                                      remote_error_name)
 from asam_tune.perturbers.batches import map_tensors
 from asam_tune.perturbers.replica import replica_on
 from asam_tune.perturbers.state_sync import ReplicaSync
@@ -132,8 +133,9 @@ class StreamPerturber(PerturberBase):
     """
 
     def __init__(self, task: AscentTask, *, device: str | torch.device, secondary_stream: bool,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, start_timeout_s: float = 60.0):
         super().__init__(task, timeout_s=timeout_s)
+        start_timeout_s = check_timeout("worker_start_timeout_s", start_timeout_s)
         self._device = _cuda_device(device)
         params = list(task.model.parameters())
         model_device = params[0].device if params else self._device
@@ -145,13 +147,34 @@ class StreamPerturber(PerturberBase):
                                  f"use secondary_stream=True to share it")
         self.secondary_stream = secondary_stream
         self.name = f"perturbation worker thread on {self._device}"
+        self._runner = JobThread(name=f"asam-perturbation-{self._device}")
+        self._main_device: torch.device | None = None
+        self._outputs: list[torch.Tensor] | None = None
+        # The replica is made on the worker's own thread: a CUDA context on another GPU, or a
+        # copy that does not finish, cannot hang the caller past ``start_timeout_s``.
+        self._runner.start(self._setup)
+        try:
+            outcome = self._runner.wait(time.monotonic() + start_timeout_s)
+        except RuntimeError as exc:
+            outcome = ("error", exc, "")
+        if outcome is None:
+            error = self._fail(WorkerError(f"{self.name} did not start within {start_timeout_s:g} s "
+                                           "(worker_start_timeout_s sets the limit)"))
+            self.close()
+            raise error
+        if outcome[0] == "error":
+            self.close()
+            _, exc, tb = outcome
+            if isinstance(exc, UserInputError):
+                raise exc
+            raise WorkerError(f"{self.name} failed to start: {remote_error_name(exc)}: {exc}", remote_traceback=tb)
+
+    def _setup(self) -> None:
+        task = self.task
         self._replica = replica_on(task.model, self._device)
         self._sync = ReplicaSync(task.model, self._replica, task.perturbed)
         self._params = parameters_at(self._replica, task.perturbed)
         self._stream = torch.cuda.Stream(device=self._device)
-        self._runner = JobThread(name=f"asam-perturbation-{self._device}")
-        self._main_device: torch.device | None = None
-        self._outputs: list[torch.Tensor] | None = None
 
     def submit(self, job: AscentJob) -> None:
         """Queue the copies and the job on the worker stream; returns at once."""
@@ -237,6 +260,7 @@ class StreamPerturber(PerturberBase):
         self._outputs = None
         self._replica = None
         self._params = []
+        self._sync = None
 
     def __del__(self) -> None:
         try:

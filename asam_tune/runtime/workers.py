@@ -92,6 +92,7 @@ def worker_factory(device: torch.device | None, threads: int | None, cores: tupl
     def stream(task: AscentTask) -> Perturber:
         from asam_tune.perturbers.stream import StreamPerturber
 
-        return StreamPerturber(task, device=device, secondary_stream=(device == main_device), timeout_s=timeout_s)
+        return StreamPerturber(task, device=device, secondary_stream=(device == main_device), timeout_s=timeout_s,
+                               start_timeout_s=start_timeout_s)
 
     return stream
