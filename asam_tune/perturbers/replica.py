@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from asam_tune.perturbers.local_norm import localize_sync_batch_norm, sync_batch_norms
+
 __all__ = ["replica_on"]
 
 
@@ -14,11 +16,17 @@ def replica_on(model: nn.Module, device: torch.device | str = "cpu") -> nn.Modul
 
     The memo hands ``deepcopy`` detached copies made straight on ``device``, so a GPU model is
     never duplicated on its own GPU and no ``.grad`` is copied (or later pickled). Module
-    modes are the model's: a BatchNorm frozen with ``.eval()`` stays in eval mode.
+    modes are the model's: a BatchNorm frozen with ``.eval()`` stays in eval mode. Every
+    ``SyncBatchNorm`` becomes rank-local (``local_norm.py``): a replica never joins a collective,
+    and its process group is not copied.
     """
     memo: dict[int, object] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = b.detach().to(device, copy=True)
-    return copy.deepcopy(model, memo)
+    for norm in sync_batch_norms(model):
+        group = norm.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = None  # a process group cannot be copied; the replica needs none
+    return localize_sync_batch_norm(copy.deepcopy(model, memo))

@@ -295,3 +295,57 @@ def test_one_job_at_a_time_and_nothing_after_close(kind):
     perturber.close()  # idempotent
     with pytest.raises((RuntimeError, WorkerError)):
         perturber.submit(AscentJob(2, weights, batch, RHO, 0))
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm
+
+
+class SyncNet(Net):
+    """Net with its BatchNorm made a SyncBatchNorm, as ``convert_sync_batchnorm`` does under DDP."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.SyncBatchNorm.convert_sync_batchnorm(self.norm)
+
+
+class CountingSyncFunction:
+    """Stands in for SyncBatchNorm's collective: counts the calls and refuses to run."""
+
+    calls = 0
+
+    @classmethod
+    def apply(cls, *args):
+        cls.calls += 1
+        raise RuntimeError("SyncBatchNorm's collective ran during the ascent")
+
+
+@pytest.fixture
+def process_group(tmp_path, monkeypatch):
+    """An initialised gloo group (one rank), as under torchrun: SyncBatchNorm would synchronise."""
+    import torch.distributed as dist
+    import torch.nn.modules.batchnorm as batchnorm
+
+    CountingSyncFunction.calls = 0
+    monkeypatch.setattr(batchnorm, "sync_batch_norm", CountingSyncFunction)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", IMPLEMENTATIONS)
+def test_sync_batch_norm_runs_rank_local_with_no_collective(kind, process_group):
+    torch.manual_seed(0)
+    model = SyncNet().double().to(device_of(kind))
+    twin = Net().double().to(device_of(kind))  # the same function with a plain BatchNorm
+    twin.load_state_dict(model.state_dict())
+    task = task_for(model)
+    batch = xy_batch(kind)
+    with make_perturber(kind, task) as perturber:
+        before = snapshot(model)
+        expected = reference(twin, task_for(twin), parameters_at(twin, task.perturbed), batch, RHO, seed=3)
+        result = run_job(perturber, model, task, batch, seed=3)
+        assert max_diff(result.perturbation, expected) < TOLERANCE
+        assert_unchanged(model, before)
+    assert CountingSyncFunction.calls == 0
+    # The main model keeps its SyncBatchNorm: its own step still synchronises.
+    assert type(model.norm) is nn.SyncBatchNorm and "forward" not in model.norm.__dict__
