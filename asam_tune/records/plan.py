@@ -125,7 +125,7 @@ def _check_mode(mode: str, staleness: int, feasible: bool, perturbation_batch_si
     if mode == "non_blocking" and staleness < 1:
         raise ValueError(f"mode 'non_blocking' needs staleness >= 1, got {staleness}")
     if hiding is not None and _HIDING_OF.get((mode, feasible)) != hiding:
-        raise ValueError(f"hiding {hiding!r} does not match mode {mode!r} with feasible {feasible}")
+        raise ValueError(f"hiding {hiding!r} does not match mode {mode!r} with feasible {str(feasible).lower()}")
 
 
 class Alternative(Record):

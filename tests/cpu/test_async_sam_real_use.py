@@ -233,3 +233,20 @@ def test_too_little_dev_shm_falls_back_and_names_the_fix(tmp_path):
     assert "FALLBACKS 1 {0: 3}" in out
     warnings_seen = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert len(warnings_seen) == 1 and "shared memory" in warnings_seen[0]
+
+
+def test_an_uncopyable_weight_norm_model_falls_back_and_trains_in_process():
+    """Old-style weight_norm holds a computed weight after one forward: deepcopy and pickle fail."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the old weight_norm
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(5, 8)), nn.ReLU(), nn.Linear(8, 3)).double()
+    model(torch.randn(2, 5, dtype=torch.float64))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="cannot be copied"):
+        with AsyncSAM(model, torch.optim.SGD(model.parameters(), lr=LR), F.cross_entropy, RHO,
+                      perturbation_device="cpu") as sam:
+            for x, y in sam.lookahead(batches(3)):
+                sam.step(x, y)
+    assert sam.stats().fallbacks == 1 and sam.stats().staleness_histogram == {0: 3}
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))

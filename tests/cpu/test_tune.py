@@ -66,6 +66,11 @@ def _check_confirmation(record: Tuning) -> None:
         trial, (window,) = record.trial(log.trial), log.rounds
         assert window.steps == 4 and log.steps == 8
         assert log.step_time_s == pytest.approx((trial.step_time_s + window.step_time_s) / 2)
+    # Which of the three outcomes comes out depends on the measured times (a busy machine can make
+    # every finalist late once pooled); each is a documented verdict.
+    if "not confirmed (no finalist hid the perturbation once pooled)" in record.verdict:
+        assert "the study's choice stands" in record.verdict
+        return
     assert ("confirmation kept the study's choice" in record.verdict
             or "confirmation changed the choice from trial" in record.verdict)
     assert record.confirmed(record.chosen_trial) is not None
