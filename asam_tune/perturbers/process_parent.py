@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class _WorkerHandle:
     buffers: list[torch.Tensor] = field(default_factory=list)
     registered: list[int] = field(default_factory=list)
     busy: bool = False  # in a job or in an unknown state: it will not read "stop" soon
+    pin_warned: bool = False  # a failed cudaHostRegister has been reported
 
 
 def _shutdown(handle: _WorkerHandle) -> None:
@@ -120,26 +122,35 @@ def _shutdown(handle: _WorkerHandle) -> None:
     handle.buffers.clear()
 
 
-def _register_host(handle: _WorkerHandle, t: torch.Tensor) -> bool:
+def _register_host(handle: _WorkerHandle, t: torch.Tensor, cudart=None) -> bool:
     """Page-lock a shared buffer so that copies to and from the GPU are asynchronous DMA.
 
     A failed registration leaves CUDA's last-error state set, which the next kernel launch
     would report as its own failure: it is read (and so cleared) here, and the copies stay
-    pageable (correct, only blocking).
+    pageable (correct, only blocking on the host). The first failure of a worker warns once.
+    ``cudart`` is ``torch.cuda.cudart()`` unless given (tests pass a fake).
     """
     if t.numel() == 0:
         return False
-    cudart = torch.cuda.cudart()
+    if cudart is None:
+        cudart = torch.cuda.cudart()
+    code: object = None
     try:
         flags = 1  # cudaHostRegisterPortable: pinned for every CUDA context of this process
-        ok = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)) == 0
-    except Exception:  # noqa: BLE001
-        ok = False
+        code = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)
+        ok = int(code) == 0
+    except Exception as exc:  # noqa: BLE001
+        code, ok = f"{type(exc).__name__}: {exc}", False
     if not ok:
         try:
             cudart.cudaGetLastError()
         except Exception:  # noqa: BLE001 - nothing more to clear
             pass
+        if not handle.pin_warned:
+            handle.pin_warned = True
+            warnings.warn(f"asam-tune: cudaHostRegister of the CPU worker's shared buffers failed ({code}); "
+                          "copies to and from the GPU stay pageable (correct, slower, blocking the host)",
+                          RuntimeWarning, stacklevel=2)
         return False
     handle.registered.append(t.data_ptr())
     return True
