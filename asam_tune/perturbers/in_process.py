@@ -53,7 +53,7 @@ class InProcessPerturber(PerturberBase):
         try:
             with seeded(job.seed, device), local_batch_norm(self._sync_norms), torch.enable_grad():
                 e = ascent_perturbation(model, self.task.compute_loss, job.batch, params, job.rho,
-                                        adaptive=self.task.adaptive)
+                                        adaptive=self.task.adaptive, autocast_dtype=self.task.ascent_dtype)
         finally:
             with torch.no_grad():
                 for b, kept in zip(buffers, saved):

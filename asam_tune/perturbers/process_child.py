@@ -102,7 +102,8 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
         torch.set_num_threads(threads)
         if cores is not None:
             affinity.pin_process(cores)  # any thread torch's import started
-        model_bytes, loss_bytes, perturbed, adaptive = payload
+        model_bytes, loss_bytes, perturbed, adaptive, dtype_name = payload
+        ascent_dtype = None if dtype_name is None else getattr(torch, dtype_name)
         model, compute_loss = pickle.loads(model_bytes), pickle.loads(loss_bytes)
         del payload, model_bytes
         params = parameters_at(model, perturbed)
@@ -154,7 +155,8 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
                         buffers[i].copy_(shared_buffers[i])
                 batch = unflatten(spec, [leaf if n is None else leaf[:n] for leaf, n in zip(leaves, rows)])
                 with seeded(seed), torch.enable_grad():
-                    e = ascent_perturbation(model, compute_loss, batch, params, rho, adaptive=adaptive)
+                    e = ascent_perturbation(model, compute_loss, batch, params, rho, adaptive=adaptive,
+                                             autocast_dtype=ascent_dtype)
                 if e is not None:
                     torch._foreach_copy_(perturbation, e)
                 ended = time.perf_counter()

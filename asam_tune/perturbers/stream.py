@@ -205,7 +205,8 @@ class StreamPerturber(PerturberBase):
         def run():
             started = time.perf_counter()
             with torch.cuda.stream(stream), torch.enable_grad():
-                e = ascent_perturbation(self._replica, task.compute_loss, batch, params, rho, adaptive=task.adaptive)
+                e = ascent_perturbation(self._replica, task.compute_loss, batch, params, rho, adaptive=task.adaptive,
+                                        autocast_dtype=task.ascent_dtype)
             stream.synchronize()
             ended = time.perf_counter()
             return e, started, ended

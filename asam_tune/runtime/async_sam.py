@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from asam_tune.errors import UserInputError
-from asam_tune.perturbers.ascent import _as_loss, job_seed, parameters_at, perturbed_indices
+from asam_tune.perturbers.ascent import _as_loss, check_ascent_dtype, job_seed, parameters_at, perturbed_indices
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult
 from asam_tune.perturbers.batches import OutputTargetLoss, batch_size_of, slice_batch, tensor_ids
 from asam_tune.perturbers.state_sync import StructureWatch, structure_key
@@ -86,6 +86,12 @@ class AsyncSAM:
             for a plan at staleness 1.
         record_timeline: keep the start and end of every step, handover, wait and job.
         clock: the timer adaptation reads (seconds).
+        ascent_dtype: None (the parameters' dtype), ``torch.bfloat16`` or ``torch.float16``:
+            the ascent's forward runs under autocast in that dtype in every worker (autocast is
+            per thread, so a descent under autocast does not carry over); the gradient norm
+            and the scale stay fp32, the perturbation has the parameters' dtype.
+        nvtx: NVTX ranges (``torch.cuda.nvtx``) around each main step, handover and ascent
+            job, for an ``nsys`` timeline; nothing happens where CUDA is absent.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
@@ -98,10 +104,13 @@ class AsyncSAM:
                  worker_start_timeout_s: float = 60.0, allow_other_machine: bool = False,
                  perturber: Callable[[AscentTask], Any] | None = None,
                  adapt: bool | AdaptationSettings | None = None, record_timeline: bool = False,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, ascent_dtype: torch.dtype | str | None = None,
+                 nvtx: bool = False):
         options.check_inputs(model, base_optimizer, loss_fn, compute_loss, on_worker_failure, clock, seed,
                              perturber)
         self.adaptive = options.check_flag("adaptive", adaptive)
+        self.ascent_dtype = check_ascent_dtype(ascent_dtype)
+        self.nvtx = options.check_flag("nvtx", nvtx)
         options.check_flag("allow_other_machine", allow_other_machine)
         plan_record = options.load_plan(plan, allow_other_machine) if plan is not None else None
         settings = options.settings_from_plan(plan_record) if plan_record is not None else options.PlanSettings()
@@ -124,7 +133,7 @@ class AsyncSAM:
         self._timeout = options.check_seconds("worker_timeout_s", worker_timeout_s)
         self._clock = clock
         self._task = workers.ascent_task(workers.replicated_module(model), base_optimizer, self._compute_loss,
-                                         self.adaptive, warn=True)
+                                         self.adaptive, warn=True, ascent_dtype=self.ascent_dtype, nvtx=self.nvtx)
         if plan_record is not None:
             plan_fit.check_model(plan_record, self._task.model)
         # The plan's b_p holds at its batch size: fitted to the first batch unless b_p was given.
@@ -418,7 +427,8 @@ class AsyncSAM:
             return
         self._trainable = trainable
         self._watch.watch(self._task.model)
-        task = workers.ascent_task(self._task.model, self.base_optimizer, self._compute_loss, self.adaptive)
+        task = workers.ascent_task(self._task.model, self.base_optimizer, self._compute_loss, self.adaptive,
+                                   ascent_dtype=self.ascent_dtype, nvtx=self.nvtx)
         key = structure_key(task.model, task.perturbed)
         if key == self._structure:
             return
