@@ -233,7 +233,8 @@ class ProcessPerturber(PerturberBase):
             payload = (_dumps(_cpu_replica(model), "the model"), _dumps(task.compute_loss, "the loss"),
                        tuple(task.perturbed), bool(task.adaptive),
                        # a name, not a torch.dtype: unpickling the spawn arguments imports no torch
-                       None if task.ascent_dtype is None else str(task.ascent_dtype).removeprefix("torch."))
+                       None if task.ascent_dtype is None else str(task.ascent_dtype).removeprefix("torch."),
+                       bool(task.nvtx))
             weights, perturbation, state = self._layouts
             check_shared_memory(2 * weights.nbytes + state.nbytes + perturbation.nbytes)
             self._start(payload, start_timeout_s)

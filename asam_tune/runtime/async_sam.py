@@ -37,6 +37,7 @@ from asam_tune.perturbers.ascent import _as_loss, check_ascent_dtype, job_seed, 
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult
 from asam_tune.perturbers.batches import OutputTargetLoss, batch_size_of, slice_batch, tensor_ids
 from asam_tune.perturbers.state_sync import StructureWatch, structure_key
+from asam_tune.perturbers.tracing import nvtx_end, nvtx_range, nvtx_start
 from asam_tune.perturbers.weights import WeightSwap
 from asam_tune.runtime import checkpoint, options, plan_fit, workers
 from asam_tune.runtime.adaptation import AdaptationSettings
@@ -159,6 +160,7 @@ class AsyncSAM:
         self._current: PerturbationResult | None = None  # e_t, chosen at the step's first perturbed()
         self._step_started = self._optimizer_stepped = False
         self._step_began_at: float | None = None
+        self._step_range = None  # the main step's NVTX range while open
         self._prefetched: tuple | None = None  # tensor ids of the batch handed over this step
         self._peeked: tuple[int, Any] | None = None
         self._closed = False
@@ -310,7 +312,8 @@ class AsyncSAM:
             return
         self._swap.keep()
         try:
-            self._swap.apply(perturbation)
+            with nvtx_range("asam apply", self.nvtx):
+                self._swap.apply(perturbation)
             yield
         finally:
             self._swap.restore()
@@ -359,6 +362,8 @@ class AsyncSAM:
             answer = self._feed.finished(self._step)
             if answer is not None:
                 self.perturbation_batch_size = answer
+        nvtx_end(self._step_range)
+        self._step_range = None
         self._step += 1
         self._step_started = self._optimizer_stepped = False
         self._step_began_at = self._prefetched = self._current = None
@@ -411,6 +416,7 @@ class AsyncSAM:
     def _mark_step_start(self) -> None:
         if self._step_began_at is None:
             self._step_began_at = self._clock()
+            self._step_range = nvtx_start(f"asam step {self._step}", self.nvtx)
         if self._feed is not None:
             self._feed.step_started()
 
@@ -494,7 +500,8 @@ class AsyncSAM:
         job = AscentJob(step=self._step, weights=self._params,
                         batch=slice_batch(batch, rows), rho=rho, seed=job_seed(self.seed, serves_step))
         started = self._clock()
-        ok = self._worker.submit(job)
+        with nvtx_range("asam handover", self.nvtx):
+            ok = self._worker.submit(job)
         submitted = self._clock()
         self._stats.add_wait(submitted - started)
         if self._timeline is not None:
@@ -517,7 +524,8 @@ class AsyncSAM:
             if ready is None:
                 return  # asking showed the worker had failed; it was replaced
         started = self._clock()
-        result = self._worker.collect(self._timeout)
+        with nvtx_range("asam wait", self.nvtx):
+            result = self._worker.collect(self._timeout)
         ended = self._clock()
         self._stats.add_wait(ended - started)
         if self._timeline is not None:
