@@ -11,7 +11,11 @@ model and worker each time:
 
   inline       every copy on the main thread, then the host waits for them: the structure of
                the GPU path before the copy stream (gather, copy to host, synchronize)
-  copy-stream  the copy-stream path, streams as threads (after)
+  copy-stream  the copy-stream path, streams as threads, the main thread waiting where the
+               GPU's main stream waits (for the gather, and for the result's copy up)
+  issue-only   the same, the main thread not waiting at all: what a GPU machine's host thread
+               pays (the gather and the result's copy become waits of the main stream on the
+               GPU, a device-to-device copy and a page-locked copy up, which a CPU cannot show)
   cpu-main     the plain CPU path (weights already in host memory), for reference
 
 Per sample: the main thread's time in ``submit`` plus ``collect`` of a result already there
@@ -28,7 +32,7 @@ import time
 
 from asam_tune.arguments import csv, positive_int, script_main
 
-MODES = ("inline", "copy-stream", "cpu-main")
+MODES = ("inline", "copy-stream", "issue-only", "cpu-main")
 ROWS = 2  # the job's batch rows: the fixed cost, as the profiler's handover point measures it
 
 
@@ -42,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _layer(mode: str):
     from asam_tune.perturbers.device_layer import HostThreadLayer, RecordingLayer
 
-    return {"inline": RecordingLayer, "copy-stream": HostThreadLayer}.get(mode, lambda: None)()
+    makers = {"inline": RecordingLayer, "copy-stream": HostThreadLayer,
+              "issue-only": lambda: HostThreadLayer(block_main=False)}
+    return makers.get(mode, lambda: None)()
 
 
 def measure(workload_name: str, mode: str, samples: int) -> dict:

@@ -342,10 +342,14 @@ class HostThreadLayer:
 
     What a CPU can show of the GPU path: work queued on a side stream leaves the main thread,
     and the main thread waits only where the GPU's main stream would (``wait_event`` on it
-    blocks, since the host is that stream here).
+    blocks, since the host is that stream here). ``block_main=False`` skips those waits: the
+    main thread then pays only what a GPU machine's host pays (issuing the work), but nothing
+    orders its own work after the side streams' (for timing a handover that changes no weight,
+    never for training).
     """
 
-    def __init__(self):
+    def __init__(self, block_main: bool = True):
+        self.block_main = block_main
         self.main = _HostStream("main", threaded=False)
         self._streams: list[_HostStream] = []
         self._local = threading.local()
@@ -382,6 +386,8 @@ class HostThreadLayer:
         return event
 
     def wait_event(self, stream: _HostStream, event: threading.Event) -> None:
+        if stream is self.main and not self.block_main:
+            return
         stream.put(event.wait)
 
     def host_wait(self, event: threading.Event) -> None:

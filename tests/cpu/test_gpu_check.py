@@ -61,3 +61,15 @@ def _document() -> dict:
     return {**provenance(), "dry_run": True, "device": "cpu", "command": "python -m asam_tune.bench.gpu_check",
             "load_average": [0.0, 0.0, 0.0], "speed": [], "stream": [], "accuracy": [], "trace": None,
             "verdicts": {}, "skipped": []}
+
+
+@pytest.mark.process
+def test_the_handover_cost_bench_measures_every_mode(tmp_path):
+    from asam_tune.bench import handover_cost
+
+    out = tmp_path / "cost.json"
+    assert handover_cost.main(["--workloads", "mnist1d-cnn", "--samples", "2", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["results"]] == list(handover_cost.MODES)
+    assert all(r["main_median_s"] > 0 and r["parameter_bytes"] > 0 for r in result["results"])
+    assert len(result["load_average_before"]) == 3
