@@ -6,8 +6,25 @@ and exits with code 2. Messages carry the bad value, as torch.optim's do.
 from __future__ import annotations
 
 
+def _rebuilt(cls: type, args: tuple, state: dict) -> AsamTuneError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class AsamTuneError(Exception):
-    """Base class of every error asam-tune raises on purpose."""
+    """Base class of every error asam-tune raises on purpose.
+
+    Errors cross process boundaries (a worker's failure, a Ray or torchrun rank's exception
+    shown by the driver). Pickle calls ``cls(*self.args)`` by default, which breaks for a
+    subclass whose ``__init__`` takes other arguments (``RecordError``): the driver would show
+    a ``TypeError`` instead of the message. So every error pickles as its class, its args and
+    its attributes, and unpickles without calling ``__init__``.
+    """
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args, dict(self.__dict__))
 
 
 class UserInputError(AsamTuneError, ValueError):

@@ -43,9 +43,10 @@ from asam_tune.runtime import checkpoint, options, plan_fit, workers
 from asam_tune.runtime.adaptation import AdaptationSettings
 from asam_tune.runtime.adaptation_feed import AdaptationFeed
 from asam_tune.runtime.failures import SupervisedWorker
-from asam_tune.runtime.schedule import PerturbationSchedule
 from asam_tune.runtime.stats import AsyncSAMStats, StatsRecorder, TimelineRecorder
 from asam_tune.runtime.hooks import install_hooks
+from asam_tune.runtime.lookahead import peek_ahead
+from asam_tune.runtime.traffic import JobTraffic
 
 __all__ = ["AsyncSAM"]
 
@@ -155,7 +156,6 @@ class AsyncSAM:
             adapt_settings, settings.training_batch_size, clock, settings.floor_fraction)
         self._stats = StatsRecorder()
         self._timeline = TimelineRecorder() if options.check_flag("record_timeline", record_timeline) else None
-        self._schedule = PerturbationSchedule()
         self._step = 0  # finished steps; the weights are w_step
         self._current: PerturbationResult | None = None  # e_t, chosen at the step's first perturbed()
         self._step_started = self._optimizer_stepped = False
@@ -187,6 +187,9 @@ class AsyncSAM:
                                            "worker_start_timeout_s", worker_start_timeout_s))
         self._worker = SupervisedWorker(self, self._task, policy=on_worker_failure, on_switch=self._on_switch,
                                         timeout_s=self._timeout)
+        self._traffic = JobTraffic(self._worker, self._stats, self._timeline, self._feed, clock, self._timeout,
+                                   nvtx=self.nvtx)
+        self._schedule = self._traffic.schedule  # which result serves which step
         if self.rho > 0:  # rho=0 is the base optimizer: no worker at all
             self._worker.start(self._factory)
         if group is not None and self._worker.concurrent:
@@ -254,23 +257,14 @@ class AsyncSAM:
         the first of the next step. The last step has no successor: it hands the worker nothing.
         """
         k = options.positive_int("accumulation_steps", accumulation_steps)
-        iterator, ahead, end = iter(loader), [], object()
-        index = 0
-        while True:
-            while len(ahead) <= k:
-                ahead.append(next(iterator, end))
-            current = ahead.pop(0)
-            if current is end:
-                return
-            if index % k == 0:
-                following = ahead[k - 1]
-                self._peeked = (self._step, None if following is end else following)
-            try:
-                yield current
-            finally:
-                if index % k == k - 1:
-                    self._peeked = None
-            index += 1
+
+        def peeked(following: Any) -> None:
+            self._peeked = (self._step, following)
+
+        def step_ended() -> None:
+            self._peeked = None
+
+        return peek_ahead(loader, k, peeked, step_ended)
 
     def step(self, *batch: Any) -> torch.Tensor:
         """One SAM step on ``batch`` (or ``x, y``); returns the loss at ``w_t + e_t``, detached."""
@@ -499,60 +493,14 @@ class AsyncSAM:
         self._stats.rho_applied = rho
         job = AscentJob(step=self._step, weights=self._params,
                         batch=slice_batch(batch, rows), rho=rho, seed=job_seed(self.seed, serves_step))
-        started = self._clock()
-        with nvtx_range("asam handover", self.nvtx):
-            ok = self._worker.submit(job)
-        submitted = self._clock()
-        self._stats.add_wait(submitted - started)
-        if self._timeline is not None:
-            self._timeline.add("handover", self._step, started, submitted)
-        if self._feed is not None:
-            self._feed.submitted(submitted)
-        if ok:
-            self._schedule.launched(serves_step, self._step)
-        return ok
+        return self._traffic.submit(job, serves_step)
 
-    def _collect(self, ready: bool | None = None) -> None:
-        """Wait for the job in flight and hold its result. ``ready``: known to be done."""
-        schedule = self._schedule
-        schedule.own_borrowed(self._current)
-        serves_step = schedule.landed()
-        timed = self._feed is not None and self._feed.adapter is not None and schedule.inflight_ahead
-        if timed and ready is None:
-            # A collect that does not block only copies the result out: that copy is not a wait.
-            ready = self._worker.ready()
-            if ready is None:
-                return  # asking showed the worker had failed; it was replaced
-        started = self._clock()
-        with nvtx_range("asam wait", self.nvtx):
-            result = self._worker.collect(self._timeout)
-        ended = self._clock()
-        self._stats.add_wait(ended - started)
-        if self._timeline is not None:
-            self._timeline.add("wait", self._step, started, ended)
-            if result is not None and self._clock is time.perf_counter:
-                self._timeline.add("ascent", serves_step, result.started_at, result.ended_at)
-        if result is None:
-            return
-        if result.perturbation is not None and len(result.perturbation) != len(self._params):
-            raise RuntimeError(f"worker returned {len(result.perturbation)} tensors for "
-                               f"{len(self._params)} perturbed parameters")
-        self._stats.add_compute(result.compute_time_s)
-        schedule.hold(serves_step, result)
-        if timed:
-            self._feed.collected(non_blocking=self.staleness == "non_blocking",
-                                 for_this_step=serves_step == self._step, compute_s=result.compute_time_s,
-                                 ready=bool(ready), started=started, ended=ended)
+    def _collect(self) -> None:
+        self._traffic.collect(self._step, self._current, len(self._params),
+                              non_blocking=self.staleness == "non_blocking")
 
     def _poll(self) -> None:
-        """Non-blocking: collect the job in flight only if it is done."""
-        if self._schedule.inflight is None:
-            return
-        done = self._worker.ready()
-        if done is None:
-            self._schedule.inflight = None
-        elif done:
-            self._collect(ready=True)
+        self._traffic.poll(self._step, self._current, len(self._params))
 
     def _on_switch(self) -> None:
         """After a worker failure: synchronous SAM from here on, in-process."""
