@@ -64,12 +64,14 @@ def _document() -> dict:
 
 
 @pytest.mark.process
-def test_the_handover_cost_bench_measures_every_mode(tmp_path):
+def test_the_handover_cost_bench_measures_its_modes(tmp_path, monkeypatch):
     from asam_tune.bench import handover_cost
 
+    assert handover_cost.MODES == ("inline", "copy-stream", "issue-only", "cpu-main")
+    monkeypatch.setattr(handover_cost, "MODES", ("inline", "issue-only"))  # a worker start each: two suffice
     out = tmp_path / "cost.json"
     assert handover_cost.main(["--workloads", "mnist1d-cnn", "--samples", "2", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [r["mode"] for r in result["results"]] == list(handover_cost.MODES)
+    assert [r["mode"] for r in result["results"]] == ["inline", "issue-only"]
     assert all(r["main_median_s"] > 0 and r["parameter_bytes"] > 0 for r in result["results"])
     assert len(result["load_average_before"]) == 3
