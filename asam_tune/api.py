@@ -16,7 +16,7 @@ import warnings
 
 from asam_tune.costmodel.cpus import CpuRequirement
 from asam_tune.costmodel.cpus import cpus_needed as _cpus_needed
-from asam_tune.costmodel.memory import worker_host_memory_bytes
+from asam_tune.costmodel.memory import worker_device_memory_bytes, worker_host_memory_bytes
 from asam_tune.costmodel.planner import make_plan
 from asam_tune.errors import FingerprintMismatchError, UserInputError
 from asam_tune.records.base import dump_record, load_record
@@ -128,6 +128,8 @@ def resources(plan: Plan) -> dict:
         "worker_cores_per_rank": plan.worker_cores,
         "host_memory_bytes": memory_per_rank * n,
         "host_memory_bytes_per_rank": memory_per_rank,
+        # What the worker adds on each GPU of a rank, beyond the main step's own memory.
+        "gpu_memory_bytes_per_rank": worker_device_memory_bytes(plan) if asynchronous else {},
         "perturbation_device": pert.key,
         "mode": plan.mode,
     }

@@ -50,12 +50,19 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 
 def train_mnist1d(config: TrainConfig, *, plan: Plan | None = None,
-                  progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
-    """Train from scratch; returns accuracies, wall time, median step time and worker stats."""
+                  progress: Callable[[int, int], None] = lambda done, total: None,
+                  device: str | torch.device = "cpu", sam_options: dict | None = None) -> dict:
+    """Train from scratch; returns accuracies, wall time, median step time and worker stats.
+
+    ``device`` is the main device (the data is moved there batch by batch); ``sam_options`` go
+    to asynchronous SAM's ``AsyncSAM`` (e.g. ``perturbation_device``, ``ascent_dtype``).
+    """
+    device = torch.device(device)
+    sam_options = dict(sam_options or {})
     workload = load_workload("mnist1d-cnn")
     data = mnist1d_dataset(label_noise=config.label_noise)
     torch.manual_seed(config.seed)
-    model = workload.build().train()
+    model = workload.build().to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -70,12 +77,13 @@ def train_mnist1d(config: TrainConfig, *, plan: Plan | None = None,
     elif config.method.startswith("asam"):
         if plan is not None:
             # adapt=False: every seed trains with the plan's b_p, so runs compare like for like.
-            sam = AsyncSAM(model, optimizer, loss_fn, config.rho, plan=plan, allow_other_machine=True, adapt=False)
-        else:  # no plan: the worker runs in-process, still one step stale
-            sam = AsyncSAM(model, optimizer, loss_fn, config.rho, staleness=1)
+            sam = AsyncSAM(model, optimizer, loss_fn, config.rho, plan=plan, allow_other_machine=True, adapt=False,
+                           **sam_options)
+        else:  # no plan: the worker is the one sam_options name (in-process by default), one step stale
+            sam = AsyncSAM(model, optimizer, loss_fn, config.rho, staleness=1, **sam_options)
 
     # One stream over all epochs, so the look-ahead crosses epoch boundaries too.
-    every_batch = (batch for _ in range(config.epochs) for batch in loader)
+    every_batch = ((x.to(device), y.to(device)) for _ in range(config.epochs) for x, y in loader)
     stream = sam.lookahead(every_batch) if sam is not None and config.method != "asam-previous" else every_batch
     step_times: list[float] = []
     started = time.perf_counter()
@@ -105,8 +113,8 @@ def train_mnist1d(config: TrainConfig, *, plan: Plan | None = None,
             sam.close()
     return {
         **asdict(config),
-        "test_accuracy": _accuracy(model, data.x_test, data.y_test),
-        "train_accuracy": _accuracy(model, data.x_train, data.y_train),
+        "test_accuracy": _accuracy(model, data.x_test.to(device), data.y_test.to(device)),
+        "train_accuracy": _accuracy(model, data.x_train.to(device), data.y_train.to(device)),
         "train_time_s": elapsed,
         "step_time_median_s": statistics.median(step_times),
         "steps": len(step_times),

@@ -7,10 +7,13 @@
     T_SGD       = fwd_bwd_base(B) + opt_base;   T_SAM = 2 * fwd_bwd_base(B) + opt_base
     T_ASAM      = T_main(B) when hidden (and in non-blocking mode, which never waits)
 
-transfers_main = transfer_to + transfer_back when the main device is an accelerator and the
-worker the CPU: the main thread copies the weights to host memory before the job starts and
-the perturbation back after it ends, so both copies lie on the main step's path (and on the
-worker's, which cannot start before the first); 0 otherwise.
+transfers_main = transfer_to + transfer_back when the main device is an accelerator, the
+worker the CPU and the transfers were measured with pageable host memory: a pageable copy
+blocks the host, so both copies lie on the main step's path (and on the worker's, which cannot
+start before the first); 0 otherwise. With page-locked memory the runtime copies on a copy
+stream of its own, ordered by events (perturbers/process_parent.py): the main stream waits
+only for a device-to-device gather of the weights, and the transfers lie on the worker's path
+alone.
 
 handover is the main process's fixed cost per step of using a CPU worker process (submit,
 collect, keep/perturb/restore; the profile's HandoverPoint, see candidates.find_handover); 0
@@ -180,8 +183,10 @@ def evaluate(candidate: Candidate, models: dict[str, DeviceModel], batch_size: i
     main = models[candidate.main.key]
     pert = models[candidate.perturbation.key]
     transfer = candidate.transfer.total_s
-    # The runtime copies to and from a CPU worker's shared memory on the main thread.
-    copies_on_main = not candidate.main.is_cpu and candidate.perturbation.is_cpu
+    # The runtime copies to and from a CPU worker's shared memory on a copy stream; only
+    # pageable memory (page-locking failed) makes the host, and so the main step, wait for them.
+    copies_on_main = (not candidate.main.is_cpu and candidate.perturbation.is_cpu
+                      and candidate.transfer.pinned is False)
     main_transfer, main_transfer_spread = ((transfer, candidate.transfer.spread_s) if copies_on_main
                                            else (0.0, 0.0))
     handover = candidate.handover  # 0 s unless the worker is a CPU process

@@ -14,9 +14,27 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ascent_perturbation", "job_seed", "parameters_at", "perturbed_indices", "seeded"]
+__all__ = ["ASCENT_DTYPES", "ascent_perturbation", "check_ascent_dtype", "job_seed", "parameters_at",
+           "perturbed_indices", "seeded"]
 
 _MASK64 = (1 << 64) - 1
+# What the ascent may run in besides the parameters' own dtype (None).
+ASCENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_ascent_dtype(value: Any) -> torch.dtype | None:
+    """None, ``torch.bfloat16`` or ``torch.float16`` (or their names); anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        found = ASCENT_DTYPES.get(value.removeprefix("torch."))
+    else:
+        found = value if value in ASCENT_DTYPES.values() else None
+    if found is None:
+        from asam_tune.errors import UserInputError
+
+        raise UserInputError(f"Invalid ascent_dtype: {value!r} (need None, torch.bfloat16 or torch.float16)")
+    return found
 
 
 def perturbed_indices(model: nn.Module, optimizer_params: Iterable[torch.Tensor]) -> tuple[int, ...]:
@@ -79,6 +97,7 @@ def ascent_perturbation(
     rho: float,
     *,
     adaptive: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor] | None:
     """The perturbation for ``params`` from the gradient of ``compute_loss(model, batch)``.
 
@@ -88,10 +107,20 @@ def ascent_perturbation(
     a zero perturbation. ``.grad`` fields are not touched. The loss may also be an object with
     a ``loss`` attribute or key (a Hugging Face model output). The norm and the scale are in
     fp32 (fp64 when a gradient is fp64), whatever the parameters' dtype.
+
+    ``autocast_dtype`` (``torch.bfloat16`` or ``torch.float16``) runs the forward under
+    ``torch.autocast`` on the parameters' device type, as a mixed-precision descent does; the
+    gradients (and the result) keep the parameters' dtype. Autocast is per thread: every
+    worker enters it itself, here.
     """
     if not params:
         return []
-    loss = _as_loss(compute_loss(model, batch))
+    if autocast_dtype is None:
+        loss = _as_loss(compute_loss(model, batch))
+    else:
+        with torch.autocast(device_type=params[0].device.type, dtype=autocast_dtype):
+            loss = _as_loss(compute_loss(model, batch))
+        loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32

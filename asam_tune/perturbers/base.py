@@ -39,6 +39,10 @@ class AscentTask:
     perturbed: tuple[int, ...]  # positions in model.parameters() of the perturbed parameters
     compute_loss: Callable[[nn.Module, Any], Any]  # compute_loss(model, batch) -> loss
     adaptive: bool = False
+    # The ascent's forward under autocast in this dtype (bf16, fp16); None: the parameters' dtype.
+    ascent_dtype: torch.dtype | None = None
+    # NVTX ranges around each ascent job (torch.cuda.nvtx; nothing where CUDA is absent).
+    nvtx: bool = False
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class FakePerturber(PerturberBase):
         try:
             with seeded(job.seed), torch.enable_grad():
                 e = ascent_perturbation(self.replica, self.task.compute_loss, job.batch, self.params, job.rho,
-                                        adaptive=self.task.adaptive)
+                                        adaptive=self.task.adaptive, autocast_dtype=self.task.ascent_dtype)
         except Exception as exc:  # noqa: BLE001 - reported at collect(), as a worker would
             self._error = (exc, traceback.format_exc())
             e = None

@@ -5,7 +5,8 @@ buffers and module modes, so nothing can be stale, a model that cannot be copied
 and a fallback allocates no second model on a full GPU. What the ascent's forward writes into
 the model's buffers (BatchNorm's running statistics in train mode) is put back afterwards: the
 main model's statistics move once per step, in the descent. Its random draws (dropout) come
-from the job's seed, and the caller's random state is left as it was.
+from the job's seed, and the caller's random state is left as it was. A ``SyncBatchNorm`` runs
+rank-local during the ascent (``local_norm.py``): no collective outside the main step.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from asam_tune.perturbers.ascent import ascent_perturbation, parameters_at, seeded
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase
+from asam_tune.perturbers.local_norm import local_batch_norm, sync_batch_norms
 from asam_tune.perturbers.weights import WeightSwap
 
 __all__ = ["InProcessPerturber"]
@@ -28,6 +30,8 @@ class InProcessPerturber(PerturberBase):
     def __init__(self, task: AscentTask, *, timeout_s: float = 60.0):
         super().__init__(task, timeout_s=timeout_s)
         self._result: PerturbationResult | None = None
+        # Fixed while this perturber lives: a module replaced restarts it (AsyncSAM's StructureWatch).
+        self._sync_norms = sync_batch_norms(task.model)
 
     def submit(self, job: AscentJob) -> None:
         self._begin(job)
@@ -47,9 +51,9 @@ class InProcessPerturber(PerturberBase):
         device = params[0].device if params else None
         started = time.perf_counter()
         try:
-            with seeded(job.seed, device), torch.enable_grad():
+            with seeded(job.seed, device), local_batch_norm(self._sync_norms), torch.enable_grad():
                 e = ascent_perturbation(model, self.task.compute_loss, job.batch, params, job.rho,
-                                        adaptive=self.task.adaptive)
+                                        adaptive=self.task.adaptive, autocast_dtype=self.task.ascent_dtype)
         finally:
             with torch.no_grad():
                 for b, kept in zip(buffers, saved):

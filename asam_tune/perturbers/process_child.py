@@ -97,12 +97,14 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
     from asam_tune.perturbers.batches import unflatten
     from asam_tune.perturbers.layout import FlatLayout
     from asam_tune.perturbers.state_sync import apply_modes, other_tensors
+    from asam_tune.perturbers.tracing import nvtx_range
 
     try:
         torch.set_num_threads(threads)
         if cores is not None:
             affinity.pin_process(cores)  # any thread torch's import started
-        model_bytes, loss_bytes, perturbed, adaptive = payload
+        model_bytes, loss_bytes, perturbed, adaptive, dtype_name, nvtx = payload
+        ascent_dtype = None if dtype_name is None else getattr(torch, dtype_name)
         model, compute_loss = pickle.loads(model_bytes), pickle.loads(loss_bytes)
         del payload, model_bytes
         params = parameters_at(model, perturbed)
@@ -153,8 +155,9 @@ def serve(conn, payload: tuple, *, cores, threads: int, torch_loaded_before_setu
                     for i in changed_buffers:
                         buffers[i].copy_(shared_buffers[i])
                 batch = unflatten(spec, [leaf if n is None else leaf[:n] for leaf, n in zip(leaves, rows)])
-                with seeded(seed), torch.enable_grad():
-                    e = ascent_perturbation(model, compute_loss, batch, params, rho, adaptive=adaptive)
+                with seeded(seed), torch.enable_grad(), nvtx_range(lambda: f"asam ascent {step} (cpu worker)", nvtx):
+                    e = ascent_perturbation(model, compute_loss, batch, params, rho, adaptive=adaptive,
+                                             autocast_dtype=ascent_dtype)
                 if e is not None:
                     torch._foreach_copy_(perturbation, e)
                 ended = time.perf_counter()

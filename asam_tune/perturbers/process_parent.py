@@ -10,6 +10,16 @@ made, so nothing survives either process; while they run, the segments count aga
 
 A job's exception leaves the worker running: it reports the error and waits for the next job.
 A worker that died or hung is stopped for good; the perturber then raises WorkerError on use.
+
+With the weights on a GPU, the handover stays off the main stream's path. On a copy stream of
+its own (through a ``DeviceLayer``, see ``device_layer.py``): the copy stream waits for the
+main stream, gathers the weights into one flat GPU buffer per dtype, and the main stream waits
+for that gather only (a device-to-device copy) before it perturbs the weights; the copy stream
+then copies the gathered weights and the batch into the page-locked shared buffers, and a
+sender thread hands the job to the worker once that copy is done. The result comes back the
+same way: copied up on the copy stream, the main stream waiting for that copy on the GPU. The
+main thread never waits for the host; the next job's copies follow the last result's on the
+same stream, so the worker cannot overwrite a result still being read.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +45,7 @@ from asam_tune.perturbers import process_child
 from asam_tune.perturbers.ascent import parameters_at
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase, check_timeout
 from asam_tune.perturbers.batches import flatten
+from asam_tune.perturbers.device_layer import CudaLayer, DeviceLayer
 from asam_tune.perturbers.layout import FlatLayout
 from asam_tune.perturbers.replica import replica_on
 from asam_tune.perturbers.shared_memory import check_shared_memory, shared_memory_error
@@ -80,6 +92,8 @@ class _WorkerHandle:
     buffers: list[torch.Tensor] = field(default_factory=list)
     registered: list[int] = field(default_factory=list)
     busy: bool = False  # in a job or in an unknown state: it will not read "stop" soon
+    pin_warned: bool = False  # a failed cudaHostRegister has been reported
+    cudart: object | None = None  # what registered the buffers: it unregisters them
 
 
 def _shutdown(handle: _WorkerHandle) -> None:
@@ -112,7 +126,7 @@ def _shutdown(handle: _WorkerHandle) -> None:
             pass
     for ptr in handle.registered:
         try:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            (handle.cudart or torch.cuda.cudart()).cudaHostUnregister(ptr)
         except Exception:  # noqa: BLE001 - CUDA may already be torn down at exit
             pass
     handle.process = handle.conn = None
@@ -120,26 +134,35 @@ def _shutdown(handle: _WorkerHandle) -> None:
     handle.buffers.clear()
 
 
-def _register_host(handle: _WorkerHandle, t: torch.Tensor) -> bool:
+def _register_host(handle: _WorkerHandle, t: torch.Tensor, cudart=None) -> bool:
     """Page-lock a shared buffer so that copies to and from the GPU are asynchronous DMA.
 
     A failed registration leaves CUDA's last-error state set, which the next kernel launch
     would report as its own failure: it is read (and so cleared) here, and the copies stay
-    pageable (correct, only blocking).
+    pageable (correct, only blocking on the host). The first failure of a worker warns once.
+    ``cudart`` is ``torch.cuda.cudart()`` unless given (tests pass a fake).
     """
     if t.numel() == 0:
         return False
-    cudart = torch.cuda.cudart()
+    if cudart is None:
+        cudart = torch.cuda.cudart()
+    code: object = None
     try:
         flags = 1  # cudaHostRegisterPortable: pinned for every CUDA context of this process
-        ok = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)) == 0
-    except Exception:  # noqa: BLE001
-        ok = False
+        code = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)
+        ok = int(code) == 0
+    except Exception as exc:  # noqa: BLE001
+        code, ok = f"{type(exc).__name__}: {exc}", False
     if not ok:
         try:
             cudart.cudaGetLastError()
         except Exception:  # noqa: BLE001 - nothing more to clear
             pass
+        if not handle.pin_warned:
+            handle.pin_warned = True
+            warnings.warn(f"asam-tune: cudaHostRegister of the CPU worker's shared buffers failed ({code}); "
+                          "copies to and from the GPU stay pageable (correct, slower, blocking the host)",
+                          RuntimeWarning, stacklevel=2)
         return False
     handle.registered.append(t.data_ptr())
     return True
@@ -195,7 +218,7 @@ class ProcessPerturber(PerturberBase):
     name = "perturbation worker"
 
     def __init__(self, task: AscentTask, *, threads: int = 1, cores: Sequence[int] | None = None,
-                 timeout_s: float = 60.0, start_timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, start_timeout_s: float = 60.0, layer: DeviceLayer | None = None):
         super().__init__(task, timeout_s=timeout_s)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UserInputError(f"Invalid threads: {threads!r} (need an integer >= 1)")
@@ -211,7 +234,9 @@ class ProcessPerturber(PerturberBase):
         self._leaf_buffers: list[torch.Tensor] = []
         self._spec = None
         self._main_device: torch.device | None = None
-        self._perturbation_read: torch.cuda.Event | None = None  # the last H2D copy of a result
+        self._layer = layer if layer is not None else CudaLayer()
+        self._copy_streams: dict[torch.device, object] = {}
+        self._sender = None  # the thread that sends a GPU-fed job once its copies are done
         self._staging: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._outputs: dict[torch.device, list] = {}
         self._pinned: set[int] = set()
@@ -220,7 +245,10 @@ class ProcessPerturber(PerturberBase):
             # The tracker starts from the state the replica is pickled with.
             self._tracker = StateTracker(model, task.perturbed)
             payload = (_dumps(_cpu_replica(model), "the model"), _dumps(task.compute_loss, "the loss"),
-                       tuple(task.perturbed), bool(task.adaptive))
+                       tuple(task.perturbed), bool(task.adaptive),
+                       # a name, not a torch.dtype: unpickling the spawn arguments imports no torch
+                       None if task.ascent_dtype is None else str(task.ascent_dtype).removeprefix("torch."),
+                       bool(task.nvtx))
             weights, perturbation, state = self._layouts
             check_shared_memory(2 * weights.nbytes + state.nbytes + perturbation.nbytes)
             self._start(payload, start_timeout_s)
@@ -339,6 +367,7 @@ class ProcessPerturber(PerturberBase):
                 raise self._fail(WorkerError(f"perturbation worker pid {self.pid} hung: {hung()}", pid=self.pid))
 
     def _send(self, message, during: str) -> None:
+        self._wait_for_sender(during)
         try:
             self._handle.conn.send(message)
         except (OSError, ValueError):
@@ -350,33 +379,83 @@ class ProcessPerturber(PerturberBase):
 
     def _pin(self, t: torch.Tensor) -> bool:
         key = t.data_ptr()
-        if key not in self._pinned and _register_host(self._handle, t):
-            self._pinned.add(key)
+        if key not in self._pinned:
+            cudart = self._layer.cudart()
+            if _register_host(self._handle, t, cudart):
+                self._handle.cudart = cudart
+                self._pinned.add(key)
         return key in self._pinned
 
-    def _write_weights(self, weights: Sequence[torch.Tensor]) -> None:
+    def _copy_stream(self, device: torch.device):
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = self._layer.new_stream(device)
+        return stream
+
+    def _wait_for_sender(self, during: str) -> None:
+        """Messages go one at a time: a job still on its way is sent first."""
+        sender = self._sender
+        if sender is None or sender.done():
+            return
+        try:
+            outcome = sender.wait(time.monotonic() + self.timeout_s)
+        except RuntimeError:
+            outcome = None
+        if outcome is None:
+            raise self._fail(WorkerError(f"perturbation worker pid {self.pid}: the job's copies did not end "
+                                         f"within {self.timeout_s:g} s {during}", pid=self.pid))
+
+    def _send_when_copied(self, message, device: torch.device) -> None:
+        """Send ``message`` from the sender thread once the copy stream has passed its copies."""
+        from asam_tune.perturbers.stream import JobThread
+
+        layer, conn = self._layer, self._handle.conn
+        copied = layer.record(self._copy_stream(device))
+        if self._sender is None:
+            self._sender = JobThread(name="asam-handover-sender")
+
+        def send() -> None:
+            layer.host_wait(copied)
+            conn.send(message)  # a broken pipe shows as the worker's death at collect
+
+        self._sender.start(send)
+
+    def _write_weights(self, weights: Sequence[torch.Tensor]) -> torch.device | None:
+        """Copy the weights into shared memory; returns the GPU whose copy stream still copies them, or None."""
         self._check_weights(weights)
         devices = {w.device for w in weights}
         with torch.no_grad():
-            if len(devices) == 1 and next(iter(devices)).type == "cuda":
+            if len(devices) == 1 and self._layer.is_accelerator(next(iter(devices))):
                 device = next(iter(devices))
-                layout = self._layouts[0]
-                for dtype, group in layout.groups(weights).items():
-                    # One gather on the GPU, one DMA into the page-locked shared buffer.
-                    staging = self._staging.get((device, dtype))
-                    if staging is None:
-                        staging = self._staging[(device, dtype)] = torch.empty(
-                            layout.totals[dtype], dtype=dtype, device=device)
-                    torch.cat([w.reshape(-1) for w in group], out=staging)
-                    shared = self._weights[dtype]
-                    shared.copy_(staging, non_blocking=self._pin(shared))
-                torch.cuda.current_stream(device).synchronize()  # the worker reads it once the job lands
-            elif devices <= _CPU_ONLY:
+                self._gather_off_the_main_stream(device, weights)
+                return device
+            if devices <= _CPU_ONLY:
                 # One fused copy into the views of the flat shared buffers (no per-tensor dispatch).
                 torch._foreach_copy_(self._weight_views, list(weights))
             else:  # a model spread over devices: slot by slot
                 for view, w in zip(self._weight_views, weights):
                     view.copy_(w)
+        return None
+
+    def _gather_off_the_main_stream(self, device: torch.device, weights: Sequence[torch.Tensor]) -> None:
+        layer, layout = self._layer, self._layouts[0]
+        main, copy = layer.current_stream(device), self._copy_stream(device)
+        layer.wait_stream(copy, main)  # w_t is what the main stream's queued work leaves
+        groups = layout.groups(weights)
+        with layer.on_stream(copy):  # the staging buffers are the copy stream's memory
+            for dtype, group in groups.items():
+                staging = self._staging.get((device, dtype))
+                if staging is None:
+                    staging = self._staging[(device, dtype)] = torch.empty(
+                        layout.totals[dtype], dtype=dtype, device=device)
+                layer.gather(staging, group, copy)
+        # The main stream perturbs w_t in place next: after the gather (on the GPU), not after
+        # the copy to the host.
+        layer.wait_event(main, layer.record(copy))
+        for dtype in groups:
+            shared = self._weights[dtype]
+            self._pin(shared)
+            layer.copy_(shared, self._staging[(device, dtype)], copy)  # DMA into page-locked memory
 
     def _check_weights(self, weights: Sequence[torch.Tensor]) -> None:
         # On every step's path: one list comparison when all is well (copy_ would broadcast a
@@ -388,17 +467,28 @@ class ProcessPerturber(PerturberBase):
             if tuple(w.shape) != shape or w.dtype != dtype:
                 raise UserInputError(f"Invalid weights[{i}]: {w.dtype} {tuple(w.shape)}, expected {dtype} {shape}")
 
-    def _write_state(self) -> tuple[tuple[int, ...], tuple[bool, ...] | None]:
-        """Copy what of the model changed besides the weights; the buffers the worker must take, new modes."""
+    def _write_state(self, copy_device: torch.device | None = None) -> tuple[tuple[int, ...], tuple[bool, ...] | None]:
+        """Copy what of the model changed besides the weights; the buffers the worker must take, new modes.
+
+        Tensors on ``copy_device`` go by its copy stream, like the weights.
+        """
         changes = self._tracker.changes()
+        pairs = ([(self._frozen_views[i], self._tracker.params[i]) for i in changes.params]
+                 + [(self._buffer_views[i], self._tracker.buffers[i]) for i in changes.buffers])
+        copy = None if copy_device is None or not pairs else self._copy_stream(copy_device)
+        if copy is not None:
+            for flat in (*self._frozen.values(), *self._buffers.values()):
+                self._pin(flat)
         with torch.no_grad():
-            for i in changes.params:
-                self._frozen_views[i].copy_(self._tracker.params[i].detach())
-            for i in changes.buffers:
-                self._buffer_views[i].copy_(self._tracker.buffers[i].detach())
+            for dst, src in pairs:
+                if copy is not None and src.device == copy_device:
+                    self._layer.copy_(dst, src.detach(), copy)
+                else:
+                    dst.copy_(src.detach())
         return changes.buffers, changes.modes
 
-    def _write_batch(self, batch) -> list[int | None]:
+    def _write_batch(self, batch, copy_device: torch.device | None = None) -> list[int | None]:
+        """The batch into its shared buffers; leaves on ``copy_device`` go by its copy stream."""
         leaves, spec = flatten(batch)
         if not any(leaf.dim() >= 1 and leaf.shape[0] > 0 for leaf in leaves):
             raise UserInputError(f"Invalid batch: {type(batch).__name__} has no tensor with at least one row")
@@ -431,31 +521,47 @@ class ProcessPerturber(PerturberBase):
             self._send(("spec", spec), "while receiving the batch structure")
             self._spec = spec
         rows: list[int | None] = []
+        layer = self._layer
+        copy = None if copy_device is None else self._copy_stream(copy_device)
         with torch.no_grad():
             for buf, t in zip(self._leaf_buffers, leaves):
-                if t.dim() == 0:
-                    buf.copy_(t)
-                    rows.append(None)
+                target = buf if t.dim() == 0 else buf[: t.shape[0]]
+                rows.append(None if t.dim() == 0 else int(t.shape[0]))
+                if copy is not None and t.device == copy_device:
+                    self._pin(buf)
+                    layer.copy_(target, t, copy)
+                    layer.keep_alive(t, copy)  # the caller may free its batch before the copy ran
                 else:
-                    buf[: t.shape[0]].copy_(t)
-                    rows.append(int(t.shape[0]))
+                    target.copy_(t)
         return rows
 
     def _read_perturbation(self) -> list[torch.Tensor]:
         device = self._main_device
+        layer = self._layer
+        accelerated = layer.is_accelerator(device)
+        copy = self._copy_stream(device) if accelerated else None
         outputs = self._outputs.get(device)
         layout = self._layouts[0]
         if outputs is None:
-            flats = layout.allocate(device)
+            if accelerated:
+                with layer.on_stream(copy):  # the copy stream's memory, written there
+                    flats = layout.allocate(device)
+            else:
+                flats = layout.allocate(device)
             self._outputs[device] = outputs = [flats, layout.views(flats)]
         flats, views = outputs
+        if not accelerated:
+            for dtype, src in self._perturbation.items():
+                flats[dtype].copy_(src)
+            return views
+        main = layer.current_stream(device)
+        layer.wait_stream(copy, main)  # the main stream may still read the last result from these buffers
         for dtype, src in self._perturbation.items():
-            # Pinned H2D is asynchronous: the next submit waits for this event before the
-            # worker may write the shared buffer again.
-            flats[dtype].copy_(src, non_blocking=device.type == "cuda" and self._pin(src))
-        if device.type == "cuda":
-            self._perturbation_read = torch.cuda.Event()
-            self._perturbation_read.record(torch.cuda.current_stream(device))
+            self._pin(src)
+            layer.copy_(flats[dtype], src, copy)
+        # The main stream uses the result after its copy, on the GPU. The next job is sent
+        # after this copy too (same stream): the worker cannot overwrite what is being read.
+        layer.wait_event(main, layer.record(copy))
         return views
 
     # -- the Perturber protocol
@@ -463,16 +569,16 @@ class ProcessPerturber(PerturberBase):
     def submit(self, job: AscentJob) -> None:
         """Copy the weights, what else changed and the batch into shared memory; start the job."""
         self._begin(job)
-        if self._perturbation_read is not None:
-            # The last result's copy out of the shared buffer must end before a job rewrites it.
-            self._perturbation_read.synchronize()
-            self._perturbation_read = None
-        self._write_weights(job.weights)
-        buffers, modes = self._write_state()
-        rows = self._write_batch(job.batch)
+        self._wait_for_sender(f"before step {job.step}")
+        copy_device = self._write_weights(job.weights)
+        buffers, modes = self._write_state(copy_device)
+        rows = self._write_batch(job.batch, copy_device)
         self._main_device = job.weights[0].device if len(job.weights) else torch.device("cpu")
-        self._send(("job", job.step, float(job.rho), int(job.seed), rows, buffers, modes),
-                   f"when sent step {job.step}")
+        message = ("job", job.step, float(job.rho), int(job.seed), rows, buffers, modes)
+        if copy_device is None:
+            self._send(message, f"when sent step {job.step}")
+        else:
+            self._send_when_copied(message, copy_device)
         self._started(job.step)
         self._handle.busy = True
 
@@ -529,6 +635,9 @@ class ProcessPerturber(PerturberBase):
         self._leaf_buffers = []
         self._weights = self._perturbation = self._frozen = self._buffers = {}
         self._weight_views = self._frozen_views = self._buffer_views = []
-        self._perturbation_read = None
+        if self._sender is not None:
+            self._sender.stop(0.0)
+            self._sender = None
         self._staging.clear()
+        self._copy_streams.clear()
         self._outputs.clear()

@@ -167,7 +167,8 @@ class ReplicaSync:
         changes = self.tracker.changes()
         with torch.no_grad():
             for i in changes.params:
-                copy(self.params[i], self.tracker.params[i].detach())
+                if self.params[i] is not self.tracker.params[i]:  # a snapshot replica shares them
+                    copy(self.params[i], self.tracker.params[i].detach())
             for i in changes.buffers:
                 copy(self.buffers[i], self.tracker.buffers[i].detach())
         if changes.modes is not None:

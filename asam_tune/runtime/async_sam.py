@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from asam_tune.errors import UserInputError
-from asam_tune.perturbers.ascent import _as_loss, job_seed, parameters_at, perturbed_indices
+from asam_tune.perturbers.ascent import _as_loss, check_ascent_dtype, job_seed, parameters_at, perturbed_indices
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult
 from asam_tune.perturbers.batches import OutputTargetLoss, batch_size_of, slice_batch, tensor_ids
 from asam_tune.perturbers.state_sync import StructureWatch, structure_key
+from asam_tune.perturbers.tracing import nvtx_end, nvtx_range, nvtx_start
 from asam_tune.perturbers.weights import WeightSwap
 from asam_tune.runtime import checkpoint, options, plan_fit, workers
 from asam_tune.runtime.adaptation import AdaptationSettings
@@ -66,8 +67,10 @@ class AsyncSAM:
         rho: the perturbation radius at the full batch. The rho applied follows ``b_p``
             through ``rho_rule``.
         plan: a Plan or its path (``asam-tune plan``); explicit arguments override it.
-        perturbation_device: None (in-process, synchronous), ``"cpu"`` (a worker process) or
-            ``"cuda:N"`` (another GPU, or a second stream of the main one).
+        perturbation_device: None (in-process, synchronous), ``"cpu"`` (a worker process),
+            ``"cuda"`` (a second stream of the model's own GPU), ``"cuda:+K"`` (the K-th GPU
+            after the model's: each torchrun rank's own), ``"cuda:N"`` (GPU N), or a mapping
+            ``{local_rank: device}``. A plan's GPU is read relative to the model's the same way.
         perturbation_batch_size: ``b_p``; None means the whole batch.
         threads, cores: the CPU worker's threads and cores.
         staleness: 1 (the paper's), 0 (synchronous SAM) or ``"non_blocking"``; default the
@@ -85,6 +88,12 @@ class AsyncSAM:
             for a plan at staleness 1.
         record_timeline: keep the start and end of every step, handover, wait and job.
         clock: the timer adaptation reads (seconds).
+        ascent_dtype: None (the parameters' dtype), ``torch.bfloat16`` or ``torch.float16``:
+            the ascent's forward runs under autocast in that dtype in every worker (autocast is
+            per thread, so a descent under autocast does not carry over); the gradient norm
+            and the scale stay fp32, the perturbation has the parameters' dtype.
+        nvtx: NVTX ranges (``torch.cuda.nvtx``) around each main step, handover and ascent
+            job, for an ``nsys`` timeline; nothing happens where CUDA is absent.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
@@ -97,15 +106,20 @@ class AsyncSAM:
                  worker_start_timeout_s: float = 60.0, allow_other_machine: bool = False,
                  perturber: Callable[[AscentTask], Any] | None = None,
                  adapt: bool | AdaptationSettings | None = None, record_timeline: bool = False,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, ascent_dtype: torch.dtype | str | None = None,
+                 nvtx: bool = False):
         options.check_inputs(model, base_optimizer, loss_fn, compute_loss, on_worker_failure, clock, seed,
                              perturber)
         self.adaptive = options.check_flag("adaptive", adaptive)
+        self.ascent_dtype = check_ascent_dtype(ascent_dtype)
+        self.nvtx = options.check_flag("nvtx", nvtx)
         options.check_flag("allow_other_machine", allow_other_machine)
         plan_record = options.load_plan(plan, allow_other_machine) if plan is not None else None
         settings = options.settings_from_plan(plan_record) if plan_record is not None else options.PlanSettings()
         cores_given = cores is not None
-        device, threads, cores = options.worker_placement(settings, perturbation_device, threads, cores, perturber)
+        device, threads, cores = options.worker_placement(
+            settings, perturbation_device, threads, cores, perturber,
+            main_device=options.main_device_of(workers.replicated_module(model)))
 
         self.model, self.base_optimizer, self.loss_fn = model, base_optimizer, loss_fn
         self._compute_loss = compute_loss if compute_loss is not None else OutputTargetLoss(loss_fn)
@@ -121,7 +135,7 @@ class AsyncSAM:
         self._timeout = options.check_seconds("worker_timeout_s", worker_timeout_s)
         self._clock = clock
         self._task = workers.ascent_task(workers.replicated_module(model), base_optimizer, self._compute_loss,
-                                         self.adaptive, warn=True)
+                                         self.adaptive, warn=True, ascent_dtype=self.ascent_dtype, nvtx=self.nvtx)
         if plan_record is not None:
             plan_fit.check_model(plan_record, self._task.model)
         # The plan's b_p holds at its batch size: fitted to the first batch unless b_p was given.
@@ -146,6 +160,7 @@ class AsyncSAM:
         self._current: PerturbationResult | None = None  # e_t, chosen at the step's first perturbed()
         self._step_started = self._optimizer_stepped = False
         self._step_began_at: float | None = None
+        self._step_range = None  # the main step's NVTX range while open
         self._prefetched: tuple | None = None  # tensor ids of the batch handed over this step
         self._peeked: tuple[int, Any] | None = None
         self._closed = False
@@ -163,12 +178,17 @@ class AsyncSAM:
                 reserved_cores=settings.reserved_cores, expected_local_world_size=settings.nproc_per_node,
                 main_device=self._params[0].device)
             threads, cores = self.placement.worker_threads, self.placement.cores.worker
+        if group is not None and perturber is None and device is not None and device.type == "cuda":
+            from asam_tune.runtime.distributed import check_worker_devices
+
+            check_worker_devices(group, self._params[0].device, device)  # collective
         self._factory = workers.worker_factory(device, threads, cores, self._params[0].device, perturber,
                                        timeout_s=self._timeout, start_timeout_s=options.check_seconds(
                                            "worker_start_timeout_s", worker_start_timeout_s))
         self._worker = SupervisedWorker(self, self._task, policy=on_worker_failure, on_switch=self._on_switch,
                                         timeout_s=self._timeout)
-        self._traffic = JobTraffic(self._worker, self._stats, self._timeline, self._feed, clock, self._timeout)
+        self._traffic = JobTraffic(self._worker, self._stats, self._timeline, self._feed, clock, self._timeout,
+                                   nvtx=self.nvtx)
         self._schedule = self._traffic.schedule  # which result serves which step
         if self.rho > 0:  # rho=0 is the base optimizer: no worker at all
             self._worker.start(self._factory)
@@ -286,7 +306,8 @@ class AsyncSAM:
             return
         self._swap.keep()
         try:
-            self._swap.apply(perturbation)
+            with nvtx_range("asam apply", self.nvtx):
+                self._swap.apply(perturbation)
             yield
         finally:
             self._swap.restore()
@@ -335,6 +356,8 @@ class AsyncSAM:
             answer = self._feed.finished(self._step)
             if answer is not None:
                 self.perturbation_batch_size = answer
+        nvtx_end(self._step_range)
+        self._step_range = None
         self._step += 1
         self._step_started = self._optimizer_stepped = False
         self._step_began_at = self._prefetched = self._current = None
@@ -387,6 +410,7 @@ class AsyncSAM:
     def _mark_step_start(self) -> None:
         if self._step_began_at is None:
             self._step_began_at = self._clock()
+            self._step_range = nvtx_start(f"asam step {self._step}", self.nvtx)
         if self._feed is not None:
             self._feed.step_started()
 
@@ -403,7 +427,8 @@ class AsyncSAM:
             return
         self._trainable = trainable
         self._watch.watch(self._task.model)
-        task = workers.ascent_task(self._task.model, self.base_optimizer, self._compute_loss, self.adaptive)
+        task = workers.ascent_task(self._task.model, self.base_optimizer, self._compute_loss, self.adaptive,
+                                   ascent_dtype=self.ascent_dtype, nvtx=self.nvtx)
         key = structure_key(task.model, task.perturbed)
         if key == self._structure:
             return

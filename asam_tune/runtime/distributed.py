@@ -34,8 +34,8 @@ from torch import nn
 from asam_tune.errors import UserInputError
 from asam_tune import affinity
 
-__all__ = ["FailureAgreement", "RankCores", "RankPlacement", "default_main_cores", "divide_cores",
-           "node_id", "place_rank", "process_group_of", "rank_cores"]
+__all__ = ["FailureAgreement", "RankCores", "RankPlacement", "check_worker_devices", "default_main_cores",
+           "divide_cores", "node_id", "place_rank", "process_group_of", "rank_cores", "worker_device_conflicts"]
 
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -265,6 +265,56 @@ def place_rank(group: Any, *, worker_threads: int, main_cores: int | None = None
             remember_affinity_before_pinning(affinity.allowed_cores())
             affinity.pin_process(cores.main)  # every thread; children (data loaders) inherit it
     return placement
+
+
+# ----------------------------------------------------------------------------- GPU workers per rank
+
+
+def worker_device_conflicts(entries: Sequence[dict]) -> tuple[list[str], list[tuple[list[int], str]]]:
+    """Problems with where the ranks' GPU workers land; ``entries[r]``: rank r's node, main and worker device.
+
+    Errors: a worker on a GPU another rank of its node trains on (that rank's step would share
+    its GPU with a full model copy and the ascent). Warnings: workers of several ranks sharing
+    one GPU that no rank trains on, with the ranks concerned. The same list gives the same
+    answer on every rank.
+    """
+    errors, warns = [], []
+    for node in sorted({e["node"] for e in entries}):
+        ranks = [r for r, e in enumerate(entries) if e["node"] == node]
+        mains = {entries[r]["main"]: r for r in ranks}
+        by_worker: dict[str, list[int]] = {}
+        for r in ranks:
+            worker = entries[r]["worker"]
+            if not worker.startswith("cuda"):
+                continue
+            owner = mains.get(worker)
+            if owner is not None and owner != r:
+                errors.append(f"rank {r}'s perturbation worker is on {worker}, rank {owner}'s training GPU")
+            elif owner is None:
+                by_worker.setdefault(worker, []).append(r)
+        warns += [(rs, f"ranks {rs} share one perturbation GPU, {worker}") for worker, rs in sorted(by_worker.items())
+                  if len(rs) > 1]
+    return errors, warns
+
+
+def check_worker_devices(group: Any, main_device: torch.device, worker_device: torch.device) -> None:
+    """Refuse GPU workers that land on another rank's training GPU; warn when ranks share one.
+
+    Collective: every rank of ``group`` calls it (``AsyncSAM`` does, when built with a GPU worker).
+    All ranks see the same list, so all raise together: none is left waiting in a collective.
+    """
+    me = {"node": node_id(), "main": str(main_device), "worker": str(worker_device)}
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, me, group=group)
+    errors, warns = worker_device_conflicts(everyone)
+    if errors:
+        raise UserInputError(f"{'; '.join(errors)}: give each rank its own GPU with perturbation_device "
+                             "'cuda' (a second stream of the rank's own GPU), 'cuda:+K' (K GPUs after it) or "
+                             "{local_rank: 'cuda:N'}")
+    mine = dist.get_rank(group)
+    for ranks, text in warns:
+        if mine in ranks:
+            warnings.warn(f"asam-tune: {text}", RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- failures in lockstep

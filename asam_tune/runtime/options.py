@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,8 @@ from asam_tune.records.rho_rule import DEFAULT_RHO_RULE, NO_RHO_RULE, RhoRule
 from asam_tune.runtime.adaptation import AdaptationSettings
 
 __all__ = ["PlanSettings", "adaptation_settings", "check_inputs", "check_rho", "check_staleness", "load_plan",
-           "one_batch", "positive_int", "rho_rule_from", "settings_from_plan", "worker_placement"]
+           "local_rank_from_env", "main_device_of", "one_batch", "parse_device", "plan_device", "positive_int",
+           "rho_rule_from", "settings_from_plan", "worker_placement"]
 
 STALENESS_VALUES = (0, 1, "non_blocking")
 # Plan.mode -> staleness
@@ -67,9 +69,9 @@ def load_plan(plan: Any, allow_other_machine: bool) -> Any:
 
 def settings_from_plan(plan: Any) -> PlanSettings:
     """A "synchronous" plan means the perturbation device cannot beat SAM in-process, so the
-    worker is the in-process one whatever device the plan names. Whether a CUDA worker uses a
-    second stream follows from its device being the main one (the plan's ``secondary_stream``
-    says the same). Plans written before rho rules existed keep rho fixed.
+    worker is the in-process one whatever device the plan names. A GPU worker's device is read
+    relative to the rank's own GPU (``plan_device``): the plan's ``secondary_stream`` means the
+    model's own GPU on every rank. Plans written before rho rules existed keep rho fixed.
     """
     perturbation = plan.perturbation
     mode = plan.mode
@@ -78,7 +80,7 @@ def settings_from_plan(plan: Any) -> PlanSettings:
     cores = getattr(perturbation, "cores", None)
     in_process = mode == "synchronous" or perturbation.device is None
     return PlanSettings(
-        device=None if in_process else str(perturbation.device),
+        device=None if in_process else plan_device(perturbation, getattr(plan, "main_device", None)),
         threads=getattr(perturbation, "threads", None),
         cores=None if cores is None else tuple(cores),
         batch_size=plan.perturbation_batch_size,
@@ -230,35 +232,112 @@ def adaptation_settings(adapt: Any, *, plan_given: bool, staleness: int | str, r
     return settings
 
 
-def parse_device(value: Any) -> torch.device | None:
+_RELATIVE_CUDA = re.compile(r"^cuda:([+-]\d+)$")
+DEVICE_FORMS = ("None, 'cpu', 'cuda' (the model's own GPU), 'cuda:N', 'cuda:+K' (K GPUs after the model's) "
+                "or {local_rank: device}")
+
+
+def main_device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node as torchrun says (``LOCAL_RANK``); 0 without a launcher."""
+    value = (os.environ if environ is None else environ).get("LOCAL_RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise UserInputError(f"Invalid LOCAL_RANK in the environment: {value!r} (expected an integer >= 0)")
+    return rank
+
+
+def parse_device(value: Any, *, main_device: torch.device, local_rank: int | None = None,
+                 cuda_count: int | None = None) -> torch.device | None:
+    """The worker's device, read relative to the rank's own (the model's) device.
+
+    ``"cuda"`` and ``"cuda:+0"`` are the model's own GPU (a second stream of it), ``"cuda:+K"``
+    the K-th GPU after it: under torchrun every rank's worker lands beside its own model. A
+    mapping ``{local_rank: device}`` names each rank's device explicitly. ``"cuda:N"`` is GPU N
+    whatever the rank. ``cuda_count`` (tests: a number of fake GPUs) defaults to what torch sees.
+    """
     if value is None:
         return None
+    if isinstance(value, Mapping):
+        rank = local_rank_from_env() if local_rank is None else local_rank
+        if rank not in value:
+            raise UserInputError(f"Invalid perturbation_device: {dict(value)!r:.120} has no entry for local rank "
+                                 f"{rank}")
+        if isinstance(value[rank], Mapping):
+            raise UserInputError(f"Invalid perturbation_device: the entry for local rank {rank} is a mapping")
+        return parse_device(value[rank], main_device=main_device, local_rank=rank, cuda_count=cuda_count)
+    relative = _RELATIVE_CUDA.match(value) if isinstance(value, str) else None
+    if relative is not None or value == "cuda":
+        offset = int(relative.group(1)) if relative is not None else 0
+        if main_device.type != "cuda":
+            raise UserInputError(f"perturbation_device {value!r} is relative to the model's GPU, but the model is "
+                                 f"on {main_device}")
+        index = (main_device.index or 0) + offset
+        return _checked_cuda(value, index, cuda_count, f" (the model is on {main_device})")
     if isinstance(value, torch.device):
         device = value
     elif isinstance(value, str):
         try:
             device = torch.device(value)
         except (RuntimeError, ValueError):
-            raise UserInputError(f"Invalid perturbation_device: {value!r}") from None
+            raise UserInputError(f"Invalid perturbation_device: {value!r} (expected {DEVICE_FORMS})") from None
     else:
-        raise UserInputError(f"Invalid perturbation_device: {value!r} (expected None, 'cpu' or 'cuda:N')")
+        raise UserInputError(f"Invalid perturbation_device: {value!r:.80} (expected {DEVICE_FORMS})")
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserInputError(f"perturbation_device {value!r} needs CUDA, which is not available here")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserInputError(
-                f"perturbation_device {value!r}: only {torch.cuda.device_count()} CUDA devices visible")
-        return torch.device("cuda", index)
-    raise UserInputError(f"Unsupported perturbation_device: {value!r} (expected None, 'cpu' or 'cuda:N')")
+        if device.index is None:  # torch.device("cuda"): the model's own GPU, as the string says
+            return parse_device("cuda", main_device=main_device, local_rank=local_rank, cuda_count=cuda_count)
+        return _checked_cuda(value, device.index, cuda_count, "")
+    raise UserInputError(f"Unsupported perturbation_device: {value!r} (expected {DEVICE_FORMS})")
+
+
+def _checked_cuda(value: Any, index: int, cuda_count: int | None, where: str) -> torch.device:
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if count == 0:
+        raise UserInputError(f"perturbation_device {value!r} needs CUDA, which is not available here")
+    if not 0 <= index < count:
+        raise UserInputError(f"perturbation_device {value!r} is cuda:{index}{where}, but only {count} CUDA devices "
+                             "are visible")
+    return torch.device("cuda", index)
+
+
+def plan_device(perturbation: Any, main_device: str | None) -> str | None:
+    """A plan's perturbation device, relative to its main device: what a rank's worker uses.
+
+    A plan made on one GPU says "cuda:0" for its main device and "cuda:0" with
+    ``secondary_stream`` (a second stream of it) or "cuda:1" (another GPU). Read as "the
+    model's own GPU" and "one GPU after the model's", each rank's worker lands beside its own
+    model under torchrun.
+    """
+    device = perturbation.device
+    if device is None or not str(device).startswith("cuda"):
+        return device
+    if getattr(perturbation, "secondary_stream", False):
+        return "cuda:+0"
+    main = (main_device or "").split("/")[0]
+    if main.startswith("cuda:") and device.startswith("cuda:"):
+        offset = int(device.removeprefix("cuda:")) - int(main.removeprefix("cuda:"))
+        return f"cuda:{offset:+d}"
+    return device
 
 
 def worker_placement(settings: PlanSettings, perturbation_device: Any, threads: Any, cores: Any,
-                     perturber: Any) -> tuple[torch.device | None, int | None, tuple[int, ...] | None]:
-    """The worker's device, threads and cores: the arguments, else the plan's."""
-    device = parse_device(perturbation_device if perturbation_device is not None else settings.device)
+                     perturber: Any, *, main_device: torch.device | None = None,
+                     cuda_count: int | None = None) -> tuple[torch.device | None, int | None, tuple[int, ...] | None]:
+    """The worker's device (relative to ``main_device``, the model's), threads and cores: the
+    arguments, else the plan's."""
+    device = parse_device(perturbation_device if perturbation_device is not None else settings.device,
+                          main_device=torch.device("cpu") if main_device is None else main_device,
+                          cuda_count=cuda_count)
     threads, cores = positive_int("threads", threads), check_cores(cores)
     if (threads is not None or cores is not None) and (device is None or device.type != "cpu"):
         raise UserInputError(f"threads={threads!r} and cores={cores!r} apply to a CPU worker only, "

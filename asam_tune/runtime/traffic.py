@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from asam_tune.perturbers.base import AscentJob, PerturbationResult
+from asam_tune.perturbers.tracing import nvtx_range
 from asam_tune.runtime.adaptation_feed import AdaptationFeed
 from asam_tune.runtime.failures import SupervisedWorker
 from asam_tune.runtime.schedule import PerturbationSchedule
@@ -21,15 +22,17 @@ __all__ = ["JobTraffic"]
 
 class JobTraffic:
     def __init__(self, worker: SupervisedWorker, stats: StatsRecorder, timeline: TimelineRecorder | None,
-                 feed: AdaptationFeed | None, clock: Callable[[], float], timeout_s: float):
+                 feed: AdaptationFeed | None, clock: Callable[[], float], timeout_s: float, nvtx: bool = False):
         self.worker, self.stats, self.timeline, self.feed = worker, stats, timeline, feed
+        self.nvtx = nvtx  # NVTX ranges around the handover and the wait
         self.schedule = PerturbationSchedule()
         self._clock, self._timeout = clock, timeout_s
 
     def submit(self, job: AscentJob, serves_step: int) -> bool:
         """Hand ``job`` over; the handover's time is the main step's wait. False: not taken."""
         started = self._clock()
-        ok = self.worker.submit(job)
+        with nvtx_range("asam handover", self.nvtx):
+            ok = self.worker.submit(job)
         submitted = self._clock()
         self.stats.add_wait(submitted - started)
         if self.timeline is not None:
@@ -53,7 +56,8 @@ class JobTraffic:
             if ready is None:
                 return  # asking showed the worker had failed; it was replaced
         started = self._clock()
-        result = self.worker.collect(self._timeout)
+        with nvtx_range("asam wait", self.nvtx):
+            result = self.worker.collect(self._timeout)
         ended = self._clock()
         self.stats.add_wait(ended - started)
         if self.timeline is not None:

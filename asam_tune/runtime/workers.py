@@ -48,7 +48,7 @@ def trainable_key(optimizer: torch.optim.Optimizer) -> tuple:
 
 
 def ascent_task(module: nn.Module, optimizer: torch.optim.Optimizer, compute_loss: Callable, adaptive: bool,
-                *, warn: bool = False) -> AscentTask:
+                *, warn: bool = False, ascent_dtype: torch.dtype | None = None, nvtx: bool = False) -> AscentTask:
     """The task for the base optimizer's parameters of ``module`` that require a gradient."""
     held = _optimizer_params(optimizer)
     perturbed = perturbed_indices(module, held)
@@ -61,7 +61,7 @@ def ascent_task(module: nn.Module, optimizer: torch.optim.Optimizer, compute_los
         if outside:
             warnings.warn(f"asam-tune: the base optimizer holds {outside} parameter(s) that are not the model's; "
                           "they are descended but not perturbed", RuntimeWarning, stacklevel=4)
-    return AscentTask(module, perturbed, compute_loss, adaptive)
+    return AscentTask(module, perturbed, compute_loss, adaptive, ascent_dtype=ascent_dtype, nvtx=nvtx)
 
 
 def in_process_factory(timeout_s: float) -> Factory:
@@ -92,6 +92,7 @@ def worker_factory(device: torch.device | None, threads: int | None, cores: tupl
     def stream(task: AscentTask) -> Perturber:
         from asam_tune.perturbers.stream import StreamPerturber
 
-        return StreamPerturber(task, device=device, secondary_stream=(device == main_device), timeout_s=timeout_s)
+        return StreamPerturber(task, device=device, secondary_stream=(device == main_device), timeout_s=timeout_s,
+                               start_timeout_s=start_timeout_s)
 
     return stream

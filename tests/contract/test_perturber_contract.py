@@ -33,7 +33,10 @@ IMPLEMENTATIONS = [
     pytest.param("fake", id="fake"),
     pytest.param("process", marks=pytest.mark.process, id="process"),
     pytest.param("stream", marks=pytest.mark.gpu, id="stream"),
+    # The stream worker's own code on the CPU, its CUDA calls through a recording fake layer.
+    pytest.param("stream_fake", id="stream_fake"),
 ]
+STREAMS = ("stream", "stream_fake")
 
 
 # ----------------------------------------------------------------------------- models and losses
@@ -75,6 +78,10 @@ def device_of(kind: str) -> torch.device:
 def make_model(kind: str, frozen_stem: bool = False) -> nn.Module:
     torch.manual_seed(0)
     model = Net().double().to(device_of(kind))
+    if kind in STREAMS:
+        # The stream worker draws dropout from the device's generator as it is (seeding it
+        # from the worker thread would race with the main thread's draws): no dropout here.
+        model.drop.p = 0.0
     if frozen_stem:
         model.stem.requires_grad_(False)
     return model
@@ -107,6 +114,10 @@ def make_perturber(kind: str, task: AscentTask):
         return ProcessPerturber(task, timeout_s=60)
     from asam_tune.perturbers.stream import StreamPerturber
 
+    if kind == "stream_fake":
+        from asam_tune.perturbers.device_layer import RecordingLayer
+
+        return StreamPerturber(task, device="cpu", secondary_stream=True, timeout_s=60, layer=RecordingLayer())
     return StreamPerturber(task, device="cuda:0", secondary_stream=True, timeout_s=60)
 
 
@@ -237,6 +248,8 @@ def test_takes_nested_dict_batches_with_non_tensor_leaves(kind):
 
 @pytest.mark.parametrize("kind", IMPLEMENTATIONS)
 def test_the_seed_decides_dropout(kind):
+    if kind in STREAMS:
+        pytest.skip("the stream worker draws from the device's generator as it is (no per-job seed)")
     model = make_model(kind)
     task = task_for(model)
     batch = xy_batch(kind)
@@ -295,3 +308,59 @@ def test_one_job_at_a_time_and_nothing_after_close(kind):
     perturber.close()  # idempotent
     with pytest.raises((RuntimeError, WorkerError)):
         perturber.submit(AscentJob(2, weights, batch, RHO, 0))
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm
+
+
+class SyncNet(Net):
+    """Net with its BatchNorm made a SyncBatchNorm, as ``convert_sync_batchnorm`` does under DDP."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.SyncBatchNorm.convert_sync_batchnorm(self.norm)
+
+
+class CountingSyncFunction:
+    """Stands in for SyncBatchNorm's collective: counts the calls and refuses to run."""
+
+    calls = 0
+
+    @classmethod
+    def apply(cls, *args):
+        cls.calls += 1
+        raise RuntimeError("SyncBatchNorm's collective ran during the ascent")
+
+
+@pytest.fixture
+def process_group(tmp_path, monkeypatch):
+    """An initialised gloo group (one rank), as under torchrun: SyncBatchNorm would synchronise."""
+    import torch.distributed as dist
+    import torch.nn.modules.batchnorm as batchnorm
+
+    CountingSyncFunction.calls = 0
+    monkeypatch.setattr(batchnorm, "sync_batch_norm", CountingSyncFunction)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", IMPLEMENTATIONS)
+def test_sync_batch_norm_runs_rank_local_with_no_collective(kind, process_group):
+    torch.manual_seed(0)
+    model = SyncNet().double().to(device_of(kind))
+    twin = Net().double().to(device_of(kind))  # the same function with a plain BatchNorm
+    twin.load_state_dict(model.state_dict())
+    if kind in STREAMS:  # no per-job seed there (see make_model)
+        model.drop.p = twin.drop.p = 0.0
+    task = task_for(model)
+    batch = xy_batch(kind)
+    with make_perturber(kind, task) as perturber:
+        before = snapshot(model)
+        expected = reference(twin, task_for(twin), parameters_at(twin, task.perturbed), batch, RHO, seed=3)
+        result = run_job(perturber, model, task, batch, seed=3)
+        assert max_diff(result.perturbation, expected) < TOLERANCE
+        assert_unchanged(model, before)
+    assert CountingSyncFunction.calls == 0
+    # The main model keeps its SyncBatchNorm: its own step still synchronises.
+    assert type(model.norm) is nn.SyncBatchNorm and "forward" not in model.norm.__dict__

@@ -69,6 +69,8 @@ def test_resources_of_a_gpu_plan_with_a_cpu_worker():
         "nproc_per_node": 1, "gpus": 1, "gpus_per_rank": 1,
         "cpu_cores": 1 + 2 + 4, "cpu_cores_per_rank": 7, "worker_cores_per_rank": 4,
         "host_memory_bytes": memory, "host_memory_bytes_per_rank": memory,
+        # the GPU staging of the weights and the perturbation copied up (2 copies of 4 MB)
+        "gpu_memory_bytes_per_rank": {"cuda:0": 2 * 4_000_000},
         "perturbation_device": "cpu/4t", "mode": "staleness1",
     }
 
@@ -85,9 +87,12 @@ def test_resources_of_a_second_gpu_and_of_synchronous_sam():
     devices = [affine("cuda:0", 0.01, 0.0001), affine("cuda:1", 0.001, 0.0001)]
     other = api.resources(api.plan_for(profile(*devices), 100, main_device="cuda:0"))
     assert (other["gpus"], other["cpu_cores"], other["host_memory_bytes"]) == (2, 1, 0)
+    # cuda:1: replica, gradients, perturbation and the activations at b_p = 100; cuda:0: the
+    # perturbation copied over.
+    assert other["gpu_memory_bytes_per_rank"] == {"cuda:1": 3 * 4_000_000 + 100 * 160 * 256, "cuda:0": 4_000_000}
     synchronous = api.resources(api.plan_for(gpu_with_cpu(cores=1), 100))
     assert (synchronous["gpus"], synchronous["cpu_cores"], synchronous["worker_cores_per_rank"]) == (1, 1, 0)
-    assert synchronous["mode"] == "synchronous"
+    assert synchronous["mode"] == "synchronous" and synchronous["gpu_memory_bytes_per_rank"] == {}
 
 
 def test_resources_of_a_cpu_only_split():

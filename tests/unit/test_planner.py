@@ -56,11 +56,24 @@ def test_exact_boundary_counts_as_hidden():
     assert make_plan(gpu_with_cpu(), 100, margin=0.0).perturbation_batch_size == 19
 
 
-def test_transfers_to_a_cpu_worker_lengthen_the_main_step_and_the_worker():
+def test_pinned_transfers_to_a_cpu_worker_lengthen_the_worker_only():
     measured = profile(*gpu_with_cpu().devices, transfers=[transfer("cuda:0", "cpu", 0.002, 0.001)])
     plan = make_plan(measured, 100)
-    # The main thread copies the weights out and the perturbation back: T_main = 0.02 + 0.001
-    # + 0.003 = 0.024, budget 0.95 * 0.024 = 0.0228. The worker starts after the first copy:
+    # The copies run on a copy stream: T_main stays 0.021, budget 0.95 * 0.021 = 0.01995. The
+    # worker starts after the first copy: 0.002 + 0.001 b + 0.003 <= 0.01995 -> b <= 14.95 -> 14.
+    assert plan.perturbation_batch_size == 14
+    p = plan.predictions
+    assert p.transfer_time_s == pytest.approx(0.003)
+    assert p.main_time_s == pytest.approx(0.021) and p.asam_step_s == pytest.approx(0.021)
+    assert p.perturbation_time_s == pytest.approx(0.019)
+    assert "transfer times are those measured with pinned host memory" in plan.notes
+
+
+def test_pageable_transfers_to_a_cpu_worker_lengthen_the_main_step_and_the_worker():
+    measured = profile(*gpu_with_cpu().devices, transfers=[transfer("cuda:0", "cpu", 0.002, 0.001, pinned=False)])
+    plan = make_plan(measured, 100)
+    # Pageable copies block the host: T_main = 0.02 + 0.001 + 0.003 = 0.024, budget
+    # 0.95 * 0.024 = 0.0228. The worker starts after the first copy:
     # 0.002 + 0.001 b + 0.003 <= 0.0228 -> b <= 17.8 -> 17 (cpu/2t: 8.9 -> 8, cpu/1t: 4.45 -> 4).
     assert plan.perturbation_batch_size == 17
     p = plan.predictions
@@ -70,7 +83,7 @@ def test_transfers_to_a_cpu_worker_lengthen_the_main_step_and_the_worker():
     assert p.hidden_fraction == pytest.approx((0.041 - 0.024) / (0.041 - 0.021))
     assert p.transfer == "measured"
     assert [(a.perturbation.key, a.perturbation_batch_size) for a in plan.alternatives] == [("cpu/2t", 8), ("cpu/1t", 4)]
-    assert "transfer times are those measured with pinned host memory" in plan.notes
+    assert "transfer times are those measured with pageable host memory" in plan.notes
 
 
 def test_the_handover_to_a_cpu_worker_lengthens_the_main_step_and_the_budget():
@@ -113,8 +126,9 @@ def test_another_gpu_as_worker_has_no_handover():
 
 
 def test_exact_transfer_keys_win_over_same_device_ones():
-    measured = profile(*gpu_with_cpu().devices, transfers=[transfer("cuda:0", "cpu", 0.002, 0.001),
-                                                            transfer("cuda:0", "cpu/4t", 0.001, 0.001)])
+    # Pageable: the transfers count in the main step too, where the key's figure shows.
+    measured = profile(*gpu_with_cpu().devices, transfers=[transfer("cuda:0", "cpu", 0.002, 0.001, pinned=False),
+                                                            transfer("cuda:0", "cpu/4t", 0.001, 0.001, pinned=False)])
     plan = make_plan(measured, 100)
     # cpu/4t's own 0.002: T_main = 0.021 + 0.002 = 0.023, budget 0.02185;
     # 0.002 + 0.001 b + 0.002 <= 0.02185 -> 17. cpu/2t takes the 0.003 of "cpu": T_main 0.024.
