@@ -9,7 +9,8 @@ the per-step handover to a real one. It imports neither. Modules:
   batches        any batch structure: the slicing rule, a flat form for shared memory
   state_sync     what of the model besides the weights a replica must follow
   in_process     synchronous, on the main model itself (the reference and the fallback)
-  process_parent a CPU worker process (``process_child`` is its side); shared_memory, layout
+  process_parent a CPU worker process (``process_child`` is its side, ``process_lifecycle``
+                 its start and stop); shared_memory, layout
   stream         a second CUDA stream or another GPU
   fake           scripted failures, for tests
 

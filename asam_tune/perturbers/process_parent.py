@@ -28,18 +28,14 @@ import multiprocessing
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions: shared tensors go by fd
 
-from asam_tune import affinity
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.perturbers import process_child
 from asam_tune.perturbers.ascent import parameters_at
@@ -47,138 +43,15 @@ from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult,
 from asam_tune.perturbers.batches import flatten
 from asam_tune.perturbers.device_layer import CudaLayer, DeviceLayer
 from asam_tune.perturbers.layout import FlatLayout
-from asam_tune.perturbers.replica import replica_on
+from asam_tune.perturbers.process_lifecycle import (KILL_GRACE_S, WorkerHandle, check_cores, cpu_replica,
+                                                    main_guard_hint, payload_bytes, register_host, shutdown_worker)
 from asam_tune.perturbers.shared_memory import check_shared_memory, shared_memory_error
 from asam_tune.perturbers.state_sync import StateTracker, other_tensors
 
 __all__ = ["ProcessPerturber"]
 
 _POLL_S = 0.05  # every wait looks at the worker's liveness this often
-_STOP_GRACE_S = 5.0  # an idle worker answers "stop" well within this
-_KILL_GRACE_S = 2.0
 _CPU_ONLY = {torch.device("cpu")}
-
-
-def _dumps(obj: object, what: str) -> bytes:
-    """Pickle for the worker: by value where plain pickle cannot (a lambda, a class in ``__main__``)."""
-    try:
-        import cloudpickle
-    except ImportError:  # cloudpickle is a dependency; keep working without it all the same
-        cloudpickle = None
-    try:
-        if cloudpickle is not None:
-            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001
-        raise WorkerError(f"cannot send {what} to the perturbation worker: {type(exc).__name__}: {exc}") from exc
-
-
-def _cpu_replica(model: torch.nn.Module) -> torch.nn.Module:
-    try:
-        return replica_on(model, "cpu")
-    except Exception as exc:  # noqa: BLE001 - deepcopy fails where pickling would
-        raise WorkerError(f"cannot send the model to the perturbation worker: it cannot be copied: "
-                          f"{type(exc).__name__}: {exc}") from exc
-
-
-@dataclass
-class _WorkerHandle:
-    """What shutting the worker down needs; kept apart from the perturber for weakref.finalize."""
-
-    process: multiprocessing.process.BaseProcess | None = None
-    conn: object | None = None
-    # Buffers registered with CUDA live here until unregistered, even while the perturber is
-    # being garbage-collected.
-    buffers: list[torch.Tensor] = field(default_factory=list)
-    registered: list[int] = field(default_factory=list)
-    busy: bool = False  # in a job or in an unknown state: it will not read "stop" soon
-    pin_warned: bool = False  # a failed cudaHostRegister has been reported
-    cudart: object | None = None  # what registered the buffers: it unregisters them
-
-
-def _shutdown(handle: _WorkerHandle) -> None:
-    """Stop the worker in order, then by force; free every buffer. Safe at exit and after death."""
-    proc, conn = handle.process, handle.conn
-    if proc is not None:
-        try:
-            if proc.is_alive() and not handle.busy:
-                conn.send(("stop",))
-                proc.join(_STOP_GRACE_S)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(_KILL_GRACE_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(_KILL_GRACE_S)
-        except (OSError, ValueError, AttributeError):
-            # Broken pipe, or interpreter teardown; kill whatever is left.
-            try:
-                proc.kill()
-                proc.join(_KILL_GRACE_S)
-            except (OSError, ValueError, AttributeError):
-                pass
-        if proc.exitcode is not None:
-            proc.close()
-    if conn is not None:
-        try:
-            conn.close()
-        except OSError:
-            pass
-    for ptr in handle.registered:
-        try:
-            (handle.cudart or torch.cuda.cudart()).cudaHostUnregister(ptr)
-        except Exception:  # noqa: BLE001 - CUDA may already be torn down at exit
-            pass
-    handle.process = handle.conn = None
-    handle.registered.clear()
-    handle.buffers.clear()
-
-
-def _register_host(handle: _WorkerHandle, t: torch.Tensor, cudart=None) -> bool:
-    """Page-lock a shared buffer so that copies to and from the GPU are asynchronous DMA.
-
-    A failed registration leaves CUDA's last-error state set, which the next kernel launch
-    would report as its own failure: it is read (and so cleared) here, and the copies stay
-    pageable (correct, only blocking on the host). The first failure of a worker warns once.
-    ``cudart`` is ``torch.cuda.cudart()`` unless given (tests pass a fake).
-    """
-    if t.numel() == 0:
-        return False
-    if cudart is None:
-        cudart = torch.cuda.cudart()
-    code: object = None
-    try:
-        flags = 1  # cudaHostRegisterPortable: pinned for every CUDA context of this process
-        code = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)
-        ok = int(code) == 0
-    except Exception as exc:  # noqa: BLE001
-        code, ok = f"{type(exc).__name__}: {exc}", False
-    if not ok:
-        try:
-            cudart.cudaGetLastError()
-        except Exception:  # noqa: BLE001 - nothing more to clear
-            pass
-        if not handle.pin_warned:
-            handle.pin_warned = True
-            warnings.warn(f"asam-tune: cudaHostRegister of the CPU worker's shared buffers failed ({code}); "
-                          "copies to and from the GPU stay pageable (correct, slower, blocking the host)",
-                          RuntimeWarning, stacklevel=2)
-        return False
-    handle.registered.append(t.data_ptr())
-    return True
-
-
-def _check_cores(cores) -> tuple[int, ...] | None:
-    if cores is None:
-        return None
-    if not affinity.can_pin():
-        raise UserInputError(f"Invalid cores: {cores!r} (this platform cannot pin processes)")
-    out = tuple(cores)
-    count = os.cpu_count() or 0
-    if (not out or len(set(out)) != len(out)
-            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < count for c in out)):
-        raise UserInputError(f"Invalid cores: {cores!r} (need distinct core numbers in 0..{count - 1})")
-    return out
 
 
 def _same_spec(a: object, b: object) -> bool:
@@ -186,14 +59,6 @@ def _same_spec(a: object, b: object) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - a constant leaf that compares element-wise (an array)
         return False
-
-
-def _main_guard_hint() -> str:
-    main = sys.modules.get("__main__")
-    if getattr(main, "__file__", None) and getattr(main, "__spec__", None) is None:
-        return (f"; if {os.path.basename(main.__file__)} starts training at its top level, put that code under "
-                "`if __name__ == \"__main__\":` (the worker is started with spawn, which re-imports the script)")
-    return ""
 
 
 class ProcessPerturber(PerturberBase):
@@ -223,14 +88,14 @@ class ProcessPerturber(PerturberBase):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UserInputError(f"Invalid threads: {threads!r} (need an integer >= 1)")
         start_timeout_s = check_timeout("worker_start_timeout_s", start_timeout_s)
-        self._cores = _check_cores(cores)
+        self._cores = check_cores(cores)
         self._threads = threads
         model = task.model
         self._params = parameters_at(model, task.perturbed)
         frozen, buffers = other_tensors(model, task.perturbed)
         self._layouts = (FlatLayout(self._params), FlatLayout(frozen), FlatLayout(buffers))
-        self._handle = _WorkerHandle()
-        self._finalizer = weakref.finalize(self, _shutdown, self._handle)
+        self._handle = WorkerHandle()
+        self._finalizer = weakref.finalize(self, shutdown_worker, self._handle)
         self._leaf_buffers: list[torch.Tensor] = []
         self._spec = None
         self._main_device: torch.device | None = None
@@ -244,7 +109,7 @@ class ProcessPerturber(PerturberBase):
         try:
             # The tracker starts from the state the replica is pickled with.
             self._tracker = StateTracker(model, task.perturbed)
-            payload = (_dumps(_cpu_replica(model), "the model"), _dumps(task.compute_loss, "the loss"),
+            payload = (payload_bytes(cpu_replica(model), "the model"), payload_bytes(task.compute_loss, "the loss"),
                        tuple(task.perturbed), bool(task.adaptive),
                        # a name, not a torch.dtype: unpickling the spawn arguments imports no torch
                        None if task.ascent_dtype is None else str(task.ascent_dtype).removeprefix("torch."),
@@ -322,7 +187,7 @@ class ProcessPerturber(PerturberBase):
         proc = self._handle.process
         code = None
         if proc is not None:
-            proc.join(_KILL_GRACE_S)  # reap it to learn how it ended
+            proc.join(KILL_GRACE_S)  # reap it to learn how it ended
             code = proc.exitcode
         if code is None:
             return WorkerError(f"perturbation worker pid {self.pid} closed its pipe {during} but is still running",
@@ -336,7 +201,7 @@ class ProcessPerturber(PerturberBase):
                                pid=self.pid, signal=-code)
         hint = " (its traceback, if any, is on stderr)" if code else ""
         if code == 1 and during == "during start":
-            hint += _main_guard_hint()
+            hint += main_guard_hint()
         return WorkerError(f"perturbation worker pid {self.pid} exited with code {code} {during}{hint}", pid=self.pid)
 
     def _fail(self, error: WorkerError) -> WorkerError:
@@ -381,7 +246,7 @@ class ProcessPerturber(PerturberBase):
         key = t.data_ptr()
         if key not in self._pinned:
             cudart = self._layer.cudart()
-            if _register_host(self._handle, t, cudart):
+            if register_host(self._handle, t, cudart):
                 self._handle.cudart = cudart
                 self._pinned.add(key)
         return key in self._pinned

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from asam_tune.perturbers.process_parent import _register_host, _WorkerHandle
+from asam_tune.perturbers.process_lifecycle import WorkerHandle, register_host
 
 
 class FakeCudart:
@@ -37,11 +37,11 @@ class FakeCudart:
 @pytest.mark.parametrize("cudart", [FakeCudart(codes=[712, 712]), FakeCudart(raising=RuntimeError("no driver"))],
                          ids=["error-code", "exception"])
 def test_a_failed_registration_clears_the_error_state_and_warns_once(cudart):
-    handle = _WorkerHandle()
+    handle = WorkerHandle()
     buffers = [torch.zeros(8), torch.zeros(4)]
     with pytest.warns(RuntimeWarning, match="cudaHostRegister .* failed .*pageable") as record:
-        assert _register_host(handle, buffers[0], cudart) is False
-        assert _register_host(handle, buffers[1], cudart) is False
+        assert register_host(handle, buffers[0], cudart) is False
+        assert register_host(handle, buffers[1], cudart) is False
     assert len([w for w in record if "cudaHostRegister" in str(w.message)]) == 1
     assert cudart.calls == ["register", "get_last_error", "register", "get_last_error"]
     assert cudart.error_state == 0  # the next kernel launch would not see it
@@ -49,15 +49,15 @@ def test_a_failed_registration_clears_the_error_state_and_warns_once(cudart):
 
 
 def test_a_successful_registration_is_remembered_and_does_not_warn():
-    cudart, handle, t = FakeCudart(codes=[0]), _WorkerHandle(), torch.zeros(16)
+    cudart, handle, t = FakeCudart(codes=[0]), WorkerHandle(), torch.zeros(16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _register_host(handle, t, cudart) is True
+        assert register_host(handle, t, cudart) is True
     assert cudart.calls == ["register"]
     assert handle.registered == [t.data_ptr()]
 
 
 def test_an_empty_buffer_is_not_registered():
     cudart = FakeCudart()
-    assert _register_host(_WorkerHandle(), torch.zeros(0), cudart) is False
+    assert register_host(WorkerHandle(), torch.zeros(0), cudart) is False
     assert cudart.calls == []
