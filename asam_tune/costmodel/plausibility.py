@@ -50,7 +50,14 @@ def load_summary(load: MachineLoad | None) -> tuple[bool | None, str]:
 
 
 def profile_load(profile: Profile) -> ProfileLoad:
+    """The profile's load, busy when the load averages say so or when the profiler flagged any
+    point (another job used its cores during that point: the averages may not show it)."""
     busy, summary = load_summary(profile.machine_load)
+    flagged = [f"{device.config.key} at batch {point.batch_size}"
+               for device in profile.devices for point in device.points if point.busy is not None]
+    if flagged:
+        shown = ", ".join(flagged[:3]) + (f" and {len(flagged) - 3} more" if len(flagged) > 3 else "")
+        busy, summary = True, summary + f"; BUSY points flagged by the profiler: {shown}"
     return ProfileLoad(busy=busy, summary=summary, machine_load=profile.machine_load)
 
 

@@ -67,6 +67,20 @@ def test_the_busy_flag_reaches_the_plan_and_a_warning():
     assert any("measured on a busy machine" in n for n in plan.notes)
 
 
+def test_a_point_the_profiler_flagged_busy_makes_the_plan_busy_under_idle_load_averages():
+    machine = gpu_with_cpu().model_copy(update={"machine_load": IDLE})
+    device = machine.devices[-1]
+    points = list(device.points)
+    points[0] = points[0].model_copy(update={"busy": "another asam-tune profile ran on its cores"})
+    flagged = device.model_copy(update={"points": tuple(points)})
+    machine = machine.model_copy(update={"devices": (*machine.devices[:-1], flagged)})
+    with pytest.warns(UserWarning, match="busy machine"):
+        plan = make_plan(machine, 100)
+    assert plan.profile_load.busy is True
+    assert f"{device.config.key} at batch {points[0].batch_size}" in plan.profile_load.summary
+    assert any("measured on a busy machine" in n for n in plan.notes)
+
+
 def test_an_unrecorded_load_is_unknown_not_idle():
     plan = make_plan(gpu_with_cpu(), 100)
     assert plan.profile_load.busy is None and "not recorded" in plan.profile_load.summary
