@@ -84,8 +84,10 @@ def placement(plan: Any = None, *, perturbation_device: str | None = None,
     from asam_tune.runtime import options
 
     settings = _plan_settings(plan)
-    device = options.parse_device(perturbation_device if perturbation_device is not None else settings.device)
-    cpu_worker = device is not None and device.type == "cpu"
+    spec = perturbation_device if perturbation_device is not None else settings.device
+    # Only whether the worker is a CPU process matters here; AsyncSAM reads (and checks) a GPU
+    # device relative to the model's own when it is built.
+    cpu_worker = isinstance(spec, (str, torch.device)) and str(spec).strip().lower() == "cpu"
     cpus = assigned_cpus()
     threads = options.positive_int("worker_threads", worker_threads)
     if threads is None:
