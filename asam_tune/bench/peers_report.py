@@ -1,0 +1,100 @@
+"""The peers result as markdown: an accuracy table and a time table, with what each column measures."""
+from __future__ import annotations
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{1e3 * value:.2f}"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _rho(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _label(name: str, row: dict, batch_size: int) -> str:
+    b_p = row.get("perturbation_batch_size")
+    extra = ""
+    if row["kind"] in ("asam", "sync", "nonblocking") and b_p is not None:
+        extra = f" (b_p={b_p})"
+    elif row["kind"] == "split":
+        extra = f" (worker {b_p} + main {row['main_ascent_samples']})"
+    return f"`{name}`{extra}"
+
+
+def accuracy_table(result: dict) -> list[str]:
+    lines = ["| method | rho | val % | test % (mean ± sd) | per seed | gain vs SGD→SAM | train % (noisy labels) "
+             "| flipped labels memorised % |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in result["methods"].items():
+        seeds = ", ".join(_pct(a) for a in row["test_accuracy"])
+        val = sum(row["val_accuracy"]) / len(row["val_accuracy"])
+        gain = row.get("gain_fraction")
+        lines.append(f"| {_label(name, row, result['batch_size'])} | {_rho(row['rho'])} | {_pct(val)} | "
+                     f"{_pct(row['test_mean'])} ± {_pct(row['test_sd'])} | {seeds} | "
+                     f"{'-' if gain is None else f'{gain:.2f}'} | {_pct(row['train_accuracy_mean'])} | "
+                     f"{_pct(row['memorized_flipped_mean'])} |")
+    return lines
+
+
+def time_table(result: dict) -> list[str]:
+    lines = ["| method | step ms (accuracy runs) | step ms (worker process) | wait ms | predicted step ms "
+             "| epoch s | time to SGD's accuracy s (accuracy runs / with worker) | seeds reaching it "
+             f"| modelled cost at beta={result['beta']} (x SGD step) | modelled cost to SGD's accuracy (SGD steps) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in result["methods"].items():
+        timed = row.get("worker_timing") or {}
+        worker = timed.get("step_time_median_s") if timed.get("worker") else None
+        reached = row.get("epochs_to_sgd_accuracy") or []
+        count = f"{sum(e is not None for e in reached)}/{len(reached)}" if reached else "-"
+        tta = f"{_s(row.get('time_to_sgd_accuracy_s'))} / {_s(row.get('time_to_sgd_accuracy_timed_s'))}"
+        cost = row.get("budget_cost")
+        to_acc = row.get("budget_cost_to_sgd_accuracy")
+        on_main = timed.get("step_time_median_s") if timed and not timed.get("worker") else None
+        step = _ms(row["step_time_median_s"]) + ("" if on_main is None else f" ({_ms(on_main)} timed)")
+        lines.append(f"| {_label(name, row, result['batch_size'])} | {step} | {_ms(worker)} | "
+                     f"{_ms(timed.get('wait_median_s')) if timed.get('worker') else '-'} | "
+                     f"{_ms(row.get('predicted_step_s'))} | {_s(row['epoch_time_median_s'])} | {tta} | {count} | "
+                     f"{'-' if cost is None else f'{cost:.2f}'} | {'-' if to_acc is None else f'{to_acc:.0f}'} |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    machine = result["machine"]
+    timing = result.get("timing") or {}
+    base = result.get("profile_baselines", {})
+    all_cores = (timing.get("sgd_all_cores") or {}).get("step_time_median_s")
+    lines = [
+        f"## Peers on `{result['task']}`", "",
+        f"{result['description']}. {result['epochs']} epochs ({result['steps_per_epoch']} steps each), "
+        f"{result['seeds']} seeds per method; each method's rho chosen on the validation split "
+        f"(never the test split). SGD {_pct(result['sgd_test_mean'])} %, SAM {_pct(result['sam_test_mean'])} % "
+        "(mean test accuracy).", "",
+        f"Machine: {machine['cpu']}, {machine['usable_cores']} usable cores, torch {machine['torch']}; "
+        f"{result['date']}; commit {result['commit']}; load average {result['load_average']['start']} at the start, "
+        f"{result['load_average']['end']} at the end (the machine is shared). Command: `{result['command']}`.", "",
+        *accuracy_table(result), "",
+        "Times. *Accuracy runs*: this process, one thread; the asynchronous methods computed their ascent "
+        "in-process there (the same math, serial), so their step includes it. *Worker process*: a fresh "
+        f"model trained {timing.get('steps', '-')} steps with a real worker process (main on core "
+        f"{timing.get('main_core', '-')}, worker on core {timing.get('worker_core', '-')}, one thread each); "
+        "methods without a worker were timed on the main core in the same pass (in brackets). "
+        f"SGD on all usable cores: {_ms(all_cores)} ms. *Predicted*: the cost model on "
+        f"`profiles/{base.get('profile', base.get('missing', '-'))}` (main and worker one core each, partial "
+        "hiding). *Modelled cost*: a worker that processes beta of the batch per main step, in SGD steps "
+        f"(forward+backward share {result['forward_backward_share']:.2f}). `split` is a serial prototype: "
+        "no worker timing.", "",
+        *time_table(result), "",
+    ]
+    plots = result.get("plots") or {}
+    for title, path in plots.items():
+        lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["markdown", "accuracy_table", "time_table"]
