@@ -90,7 +90,10 @@ def select_rho(store, task: Task, method: Method, *, epochs: int, sweep_seeds: l
 
 
 def run_peers(task: Task, methods: list[Method], *, epochs: int, seeds: int, sweep_seeds: int,
-              grid: list[float] | None, store, beta: Fraction, timing_steps: int, progress) -> dict:
+              grid: list[float] | None, store, beta: Fraction, timing_steps: int, progress,
+              rule_sweep_seeds: int | None = None) -> dict:
+    """``rule_sweep_seeds``: sweep seeds for SAM and asynchronous SAM, whose best rho the rho
+    study fits (default: ``sweep_seeds``)."""
     from asam_tune.bench.peers_summary import summarize
     from asam_tune.bench.peers_train import get_or_train
 
@@ -100,7 +103,8 @@ def run_peers(task: Task, methods: list[Method], *, epochs: int, seeds: int, swe
     sam_rho = None
     for method in ordered:
         if method.has_rho:
-            selection = select_rho(store, task, method, epochs=epochs, sweep_seeds=list(range(sweep_seeds)),
+            count = rule_sweep_seeds if rule_sweep_seeds and method.kind in ("sam", "asam") else sweep_seeds
+            selection = select_rho(store, task, method, epochs=epochs, sweep_seeds=list(range(count)),
                                    grid=grid, sam_rho=sam_rho, progress=progress)
             selections[method.name] = selection
             rho = selection["rho"]
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=types.positive_int, default=3, help="seeds per method for test accuracy")
     parser.add_argument("--sweep-seeds", type=types.positive_int, default=1,
                         help="seeds per rho value in the validation sweep (the first ones of --seeds)")
+    parser.add_argument("--rule-sweep-seeds", type=types.positive_int, default=None,
+                        help="sweep seeds for sam and asam-* (the rho study fits them; default --sweep-seeds)")
     parser.add_argument("--methods", type=types.csv, default=None, help=f"default: {','.join(DEFAULT_METHODS)}")
     parser.add_argument("--rho-grid", type=_grid_arg, default=None,
                         help="try exactly these rho values for every method (default: a walk on a ladder)")
@@ -184,16 +190,22 @@ def main(argv: list[str] | None = None) -> int:
         epochs = 1 if args.quick else (args.epochs or task.epochs)
         seeds = 1 if args.quick else args.seeds
         sweep_seeds = min(args.sweep_seeds, seeds)
+        rule_sweep_seeds = min(args.rule_sweep_seeds or sweep_seeds, seeds)
         grid = [0.1] if args.quick and args.rho_grid is None else args.rho_grid
         timing_steps = min(args.timing_steps, 10) if args.quick else args.timing_steps
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         store = RunStore(args.cache or output / "runs.jsonl")
-        torch.set_num_threads(1)
         started_load = list(os.getloadavg())
-        result = run_peers(task, methods, epochs=epochs, seeds=seeds, sweep_seeds=sweep_seeds, grid=grid,
-                           store=store, beta=args.beta, timing_steps=timing_steps,
-                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the runs are timed on one core
+        try:
+            result = run_peers(task, methods, epochs=epochs, seeds=seeds, sweep_seeds=sweep_seeds, grid=grid,
+                               store=store, beta=args.beta, timing_steps=timing_steps,
+                               rule_sweep_seeds=rule_sweep_seeds,
+                               progress=lambda line: print(line, file=sys.stderr, flush=True))
+        finally:
+            torch.set_num_threads(threads)
         result = {**provenance(), "command": "python -m asam_tune.bench.peers " + shlex.join(sys.argv[1:] if argv is None else argv),
                   "load_average": {"start": [round(v, 2) for v in started_load],
                                    "end": [round(v, 2) for v in os.getloadavg()]},
