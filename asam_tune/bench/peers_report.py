@@ -42,25 +42,34 @@ def accuracy_table(result: dict) -> list[str]:
     return lines
 
 
+def _time_to(row: dict, level: str) -> tuple[str, str, str]:
+    entry = row.get("time_to", {}).get(level)
+    if not entry:
+        return "-", "-", "-"
+    count = f"{entry['seeds_reaching']}/{len(entry['epochs'])}"
+    steps = entry["budget_sgd_steps"]
+    return (f"{_s(entry['accuracy_runs_s'])} / {_s(entry['timed_s'])}", count,
+            "-" if steps is None else f"{steps:.0f}")
+
+
 def time_table(result: dict) -> list[str]:
-    lines = ["| method | step ms (accuracy runs) | step ms (worker process) | wait ms | predicted step ms "
-             "| epoch s | time to SGD's accuracy s (accuracy runs / with worker) | seeds reaching it "
-             f"| modelled cost at beta={result['beta']} (x SGD step) | modelled cost to SGD's accuracy (SGD steps) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | step ms (accuracy runs) | step ms (timing pass) | worker wait ms | predicted step ms "
+             "| epoch s | to SGD's accuracy: s (runs / timing pass), seeds, modelled SGD steps "
+             "| to 90% of SAM's gain: s, seeds, modelled SGD steps "
+             f"| modelled cost at beta={result['beta']} (x SGD step) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["methods"].items():
         timed = row.get("worker_timing") or {}
-        worker = timed.get("step_time_median_s") if timed.get("worker") else None
-        reached = row.get("epochs_to_sgd_accuracy") or []
-        count = f"{sum(e is not None for e in reached)}/{len(reached)}" if reached else "-"
-        tta = f"{_s(row.get('time_to_sgd_accuracy_s'))} / {_s(row.get('time_to_sgd_accuracy_timed_s'))}"
+        worker = "" if not timed else (" (worker)" if timed.get("worker") else " (main core)")
         cost = row.get("budget_cost")
-        to_acc = row.get("budget_cost_to_sgd_accuracy")
-        on_main = timed.get("step_time_median_s") if timed and not timed.get("worker") else None
-        step = _ms(row["step_time_median_s"]) + ("" if on_main is None else f" ({_ms(on_main)} timed)")
-        lines.append(f"| {_label(name, row, result['batch_size'])} | {step} | {_ms(worker)} | "
+        sgd_time, sgd_count, sgd_steps = _time_to(row, "sgd")
+        g_time, g_count, g_steps = _time_to(row, "gain90")
+        lines.append(f"| {_label(name, row, result['batch_size'])} | {_ms(row['step_time_median_s'])} | "
+                     f"{_ms(timed.get('step_time_median_s'))}{worker} | "
                      f"{_ms(timed.get('wait_median_s')) if timed.get('worker') else '-'} | "
-                     f"{_ms(row.get('predicted_step_s'))} | {_s(row['epoch_time_median_s'])} | {tta} | {count} | "
-                     f"{'-' if cost is None else f'{cost:.2f}'} | {'-' if to_acc is None else f'{to_acc:.0f}'} |")
+                     f"{_ms(row.get('predicted_step_s'))} | {_s(row['epoch_time_median_s'])} | "
+                     f"{sgd_time}, {sgd_count}, {sgd_steps} | {g_time}, {g_count}, {g_steps} | "
+                     f"{'-' if cost is None else f'{cost:.2f}'} |")
     return lines
 
 
@@ -69,6 +78,7 @@ def markdown(result: dict) -> str:
     timing = result.get("timing") or {}
     base = result.get("profile_baselines", {})
     all_cores = (timing.get("sgd_all_cores") or {}).get("step_time_median_s")
+    sam_all = (timing.get("sam_all_cores") or {}).get("step_time_median_s")
     lines = [
         f"## Peers on `{result['task']}`", "",
         f"{result['description']}. {result['epochs']} epochs ({result['steps_per_epoch']} steps each), "
@@ -83,8 +93,8 @@ def markdown(result: dict) -> str:
         "in-process there (the same math, serial), so their step includes it. *Worker process*: a fresh "
         f"model trained {timing.get('steps', '-')} steps with a real worker process (main on core "
         f"{timing.get('main_core', '-')}, worker on core {timing.get('worker_core', '-')}, one thread each); "
-        "methods without a worker were timed on the main core in the same pass (in brackets). "
-        f"SGD on all usable cores: {_ms(all_cores)} ms. *Predicted*: the cost model on "
+        "methods without a worker were timed on the main core in the same pass. "
+        f"On all usable cores: SGD {_ms(all_cores)} ms, SAM {_ms(sam_all)} ms. *Predicted*: the cost model on "
         f"`profiles/{base.get('profile', base.get('missing', '-'))}` (main and worker one core each, partial "
         "hiding). *Modelled cost*: a worker that processes beta of the batch per main step, in SGD steps "
         f"(forward+backward share {result['forward_backward_share']:.2f}). `split` is a serial prototype: "

@@ -11,9 +11,10 @@
    each with its root-mean-square error in log rho, on each workload alone and on both pooled.
 3. Check. Asynchronous SAM at the pooled rule's rho on every seed of the inputs (new runs, in
    each input's run store), test accuracy beside that at the method's own best rho; the gain
-   fraction ``(acc - SGD) / (SAM - SGD)`` of each; and the quality floor: the smallest ``b_p/B``
-   from which on (every larger fraction too) the gain at the rule's rho is at least
-   ``1 - FLOOR_TOLERANCE``.
+   fraction ``(acc - SGD) / (SAM - SGD)`` of each; and the quality floor: the smallest measured
+   ``b_p/B`` whose gain at the rule's rho is at least ``1 - FLOOR_TOLERANCE`` (and whether every
+   larger measured fraction keeps it too). When the smallest measured fraction keeps the gain,
+   the floor is only known to lie at or below it.
 """
 from __future__ import annotations
 
@@ -93,8 +94,10 @@ def rule_rho(rule: dict, sam_rho: float, fraction: float) -> float:
     return float(f"{value:.3g}")
 
 
-def check_rule(result: dict, rule: dict, *, progress) -> dict:
-    """Train asynchronous SAM at the rule's rho on every seed; gains and the quality floor."""
+def check_rule(result: dict, rule: dict, *, progress, extra_fractions: tuple[str, ...] = ()) -> dict:
+    """Train asynchronous SAM at the rule's rho on every seed; gains and the quality floor.
+
+    ``extra_fractions`` (e.g. "1/100") are checked too, below what the peers result measured."""
     from asam_tune.bench.peers_methods import parse_method
     from asam_tune.bench.peers_tasks import load_task
     from asam_tune.bench.peers_train import RunStore, get_or_train
@@ -104,11 +107,15 @@ def check_rule(result: dict, rule: dict, *, progress) -> dict:
     sam_rho = result["methods"]["sam"]["rho"]
     sgd, sam = result["sgd_test_mean"], result["sam_test_mean"]
     rows = []
-    for name, row in result["methods"].items():
-        if row["kind"] != "asam":
-            continue
+    measured = {name: row for name, row in result["methods"].items() if row["kind"] == "asam"}
+    names = list(measured) + [f"asam-{f}" for f in extra_fractions if f"asam-{f}" not in measured]
+    for name in names:
+        method = parse_method(name)
+        row = measured.get(name, {"ascent_fraction": float(method.ascent_fraction()), "rho": None,
+                                  "perturbation_batch_size": method.perturbation_batch_size(task.batch_size),
+                                  "test_mean": None, "test_sd": None})
         rho = rule_rho(rule, sam_rho, row["ascent_fraction"])
-        runs = [get_or_train(store, task, parse_method(name), rho, seed, result["epochs"], progress=progress)
+        runs = [get_or_train(store, task, method, rho, seed, result["epochs"], progress=progress)
                 for seed in range(result["seeds"])]
         tests = [r["test_accuracy"] for r in runs]
         mean = statistics.mean(tests)
@@ -119,13 +126,14 @@ def check_rule(result: dict, rule: dict, *, progress) -> dict:
                      "own_rho": row["rho"], "own_test_mean": row["test_mean"], "own_test_sd": row["test_sd"],
                      "own_gain_fraction": row.get("gain_fraction")})
     rows.sort(key=lambda r: -r["fraction"])
-    floor = None
-    for r in rows:  # from the full batch down: the floor is the last fraction of an unbroken run
-        if r["gain_fraction"] < 1 - FLOOR_TOLERANCE:
-            break
-        floor = r["fraction"]
+    keeps = [r["fraction"] for r in rows if r["gain_fraction"] >= 1 - FLOOR_TOLERANCE]
+    floor = min(keeps) if keeps else None
+    # Whether every measured fraction above the floor keeps the gain too (noise can break the run).
+    unbroken = floor is not None and all(r["gain_fraction"] >= 1 - FLOOR_TOLERANCE
+                                         for r in rows if r["fraction"] >= floor)
     return {"workload": result["task"], "sam_rho": sam_rho, "sgd_test_mean": sgd, "sam_test_mean": sam,
-            "rows": rows, "floor_fraction": floor}
+            "rows": rows, "floor_fraction": floor, "floor_unbroken": unbroken,
+            "smallest_measured_fraction": min(r["fraction"] for r in rows) if rows else None}
 
 
 def main(argv=None) -> int:
@@ -133,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", action="append", required=True, help="a peers.json (repeat for each workload)")
     parser.add_argument("--output", required=True, help="directory for rho.json, rho.md and rho-vs-bp.png")
     parser.add_argument("--no-check", action="store_true", help="fit only: train nothing at the rule's rho")
+    parser.add_argument("--extra-fractions", default="", help="b_p/B values below the peers' to check too, e.g. 1/50,1/100")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -160,7 +169,9 @@ def main(argv=None) -> int:
         progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         torch.set_num_threads(1)
         try:
-            checks = [] if args.no_check else [check_rule(r, rule, progress=progress) for r in results]
+            extra = tuple(f.strip() for f in args.extra_fractions.split(",") if f.strip())
+            checks = [] if args.no_check else [check_rule(r, rule, progress=progress, extra_fractions=extra)
+                                               for r in results]
         finally:
             torch.set_num_threads(threads)
         output = Path(args.output)

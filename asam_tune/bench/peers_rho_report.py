@@ -8,6 +8,10 @@ def _f(value, fmt: str = ".3g") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _mean_sd(mean, sd) -> str:
+    return "-" if mean is None else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
 def _fraction(value: float) -> str:
     from fractions import Fraction
 
@@ -51,11 +55,16 @@ def markdown(study: dict) -> str:
         for r in check["rows"]:
             lines.append(f"| `{r['method']}` | {r['b_p']} | {r['rule_rho']:g} | {100 * r['test_mean']:.1f} ± "
                          f"{100 * r['test_sd']:.1f} | {r['gain_fraction']:.2f} | {_f(r['own_rho'], 'g')} | "
-                         f"{100 * r['own_test_mean']:.1f} ± {100 * r['own_test_sd']:.1f} | "
+                         f"{_mean_sd(r['own_test_mean'], r['own_test_sd'])} | "
                          f"{_f(r['own_gain_fraction'], '.2f')} |")
         floor = check["floor_fraction"]
-        lines += ["", f"Quality floor (gain at the rule's rho >= {1 - study['floor_tolerance']:.0%} from the full batch "
-                  f"down): {'none' if floor is None else _fraction(floor)}.", ""]
+        text = "none" if floor is None else _fraction(floor)
+        if floor is not None and floor == check.get("smallest_measured_fraction"):
+            text += " (the smallest fraction measured: the floor lies at or below it)"
+        if floor is not None and not check.get("floor_unbroken", True):
+            text += "; some larger fraction falls short (see the rows)"
+        lines += ["", f"Quality floor (smallest b_p/B whose gain at the rule's rho is >= "
+                  f"{1 - study['floor_tolerance']:.0%}): {text}.", ""]
     if study.get("checks"):
         floor = study.get("floor_fraction")
         lines.append(f"Floor for the planner (the larger of the workloads'): "

@@ -2,13 +2,12 @@
 
 Definitions:
 - gain fraction: (method - SGD) / (SAM - SGD) on mean test accuracy, SAM at its own chosen rho;
-- time to SGD's accuracy: per seed, the training time until the end of the first epoch whose
-  test accuracy reaches SGD's final mean test accuracy (evaluation time excluded); seeds that
-  never reach it are counted apart;
-- the "with worker" time to accuracy of an asynchronous method: the epochs it needed times the
-  steps per epoch times its median step measured with a real worker process;
-- the modelled cost: ``peers_cost.budget_cost`` in SGD steps, and the same times the steps
-  needed to reach SGD's accuracy ("SGD-step equivalents").
+- time to a level (SGD's final mean test accuracy, and SGD + 0.9 (SAM - SGD)): per seed, the
+  epochs until the end of the first epoch whose test accuracy reaches it; from those, the
+  training time of the accuracy runs (evaluation excluded; seeds that never reach it are
+  counted apart), the time at the step measured in the timing pass (a real worker process for
+  the asynchronous methods), and the modelled cost in SGD steps;
+- the modelled cost: ``peers_cost.budget_cost`` in SGD steps per step.
 """
 from __future__ import annotations
 
@@ -18,6 +17,8 @@ from fractions import Fraction
 from asam_tune.bench.peers_cost import budget_cost, profile_prediction
 from asam_tune.bench.peers_methods import Method
 from asam_tune.bench.peers_tasks import PROFILES, Task
+
+GAIN_LEVEL = 0.9  # the second time-to-accuracy level: SGD + 0.9 (SAM - SGD)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -30,6 +31,22 @@ def epochs_to_reach(curve: list[float], target: float) -> int | None:
         if value >= target - 1e-12:
             return epoch
     return None
+
+
+def _time_to(method_runs: list[dict], level: float, steps_per_epoch: int, cost: float | None,
+             timed: dict | None) -> dict:
+    """Epochs per seed to reach ``level``, and the time that took three ways (see the module docstring)."""
+    reached = [epochs_to_reach(r["test_curve"], level) for r in method_runs]
+    needed = [e for e in reached if e is not None]
+    times = [sum(r["epoch_times_s"][:e]) for r, e in zip(method_runs, reached) if e is not None]
+    mean_epochs = statistics.mean(needed) if needed else None
+    return {
+        "level": level, "epochs": reached, "seeds_reaching": len(needed),
+        "accuracy_runs_s": statistics.mean(times) if times else None,
+        "timed_s": (mean_epochs * steps_per_epoch * timed["step_time_median_s"]
+                    if mean_epochs is not None and timed else None),
+        "budget_sgd_steps": mean_epochs * steps_per_epoch * cost if mean_epochs is not None and cost else None,
+    }
 
 
 def _profile_predictions(task: Task):
@@ -71,25 +88,18 @@ def summarize(task: Task, methods: list[Method], runs: dict[str, list[dict]], se
         }
         if sgd_mean is not None and sam_mean is not None and sam_mean != sgd_mean:
             row["gain_fraction"] = (mean - sgd_mean) / (sam_mean - sgd_mean)
-        if sgd_mean is not None:
-            reached = [epochs_to_reach(r["test_curve"], sgd_mean) for r in method_runs]
-            times = [sum(r["epoch_times_s"][:e]) for r, e in zip(method_runs, reached) if e is not None]
-            row["epochs_to_sgd_accuracy"] = reached
-            row["time_to_sgd_accuracy_s"] = statistics.mean(times) if times else None
-            needed = [e for e in reached if e is not None]
-            cost = budget_cost(method, task.batch_size, beta, phi)
-            row["budget_cost"] = cost
-            row["budget_cost_to_sgd_accuracy"] = (statistics.mean(needed) * steps_per_epoch * cost
-                                                  if needed and cost is not None else None)
-        if predict is not None and method.kind in ("asam", "nonblocking"):
-            row["predicted_step_s"] = predict(method.perturbation_batch_size(task.batch_size))
+        cost = budget_cost(method, task.batch_size, beta, phi)
+        row["budget_cost"] = cost
         timed = (timing or {}).get("methods", {}).get(method.name)
         if timed:
             row["worker_timing"] = timed
-            if row.get("epochs_to_sgd_accuracy") is not None:
-                needed = [e for e in row["epochs_to_sgd_accuracy"] if e is not None]
-                row["time_to_sgd_accuracy_timed_s"] = (statistics.mean(needed) * steps_per_epoch
-                                                       * timed["step_time_median_s"] if needed else None)
+        row["time_to"] = {}
+        for level_name, level in (("sgd", sgd_mean), ("gain90", None if sgd_mean is None or sam_mean is None
+                                                       else sgd_mean + GAIN_LEVEL * (sam_mean - sgd_mean))):
+            if level is not None:
+                row["time_to"][level_name] = _time_to(method_runs, level, steps_per_epoch, cost, timed)
+        if predict is not None and method.kind in ("asam", "nonblocking"):
+            row["predicted_step_s"] = predict(method.perturbation_batch_size(task.batch_size))
         rows[method.name] = row
     return {
         "task": task.name, "description": task.description, "epochs": epochs, "batch_size": task.batch_size,

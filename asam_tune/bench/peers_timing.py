@@ -5,7 +5,7 @@ step stale), so their step time is serial. Here each asynchronous method trains 
 for a fixed number of steps with ``perturbation_device="cpu"``: the main process pinned to one
 core with one thread, the worker process pinned to another with one thread (the split of
 ``asam-tune plan --main-device cpu/1t --asynchronous``). SGD and synchronous SAM are timed on
-the main core in the same pass, and SGD on every usable core (what a CPU user without a worker
+the main core in the same pass, and on every usable core (what a CPU user without a worker
 runs), so ratios come from one sitting. The load average is recorded around every method:
 this machine is shared, and these times move with it.
 """
@@ -77,10 +77,12 @@ def time_with_worker(task: Task, methods: list[str], rho: dict[str, float], *, s
                     "methods": {}}
     with preserved_placement():
         place(tuple(cores), len(cores))
-        before = _load()
-        result["sgd_all_cores"] = {**_time_one(task, parse_method("sgd"), 0.0, steps, warmup,
-                                               perturbation_device=None, worker_cores=None),
-                                   "threads": len(cores), "load_before": before, "load_after": _load()}
+        for name in ("sgd", "sam"):  # what a CPU user without a worker runs, on every core
+            before = _load()
+            progress(f"timing {name} on all {len(cores)} cores")
+            result[f"{name}_all_cores"] = {**_time_one(task, parse_method(name), rho.get(name, 0.0), steps, warmup,
+                                                       perturbation_device=None, worker_cores=None),
+                                           "threads": len(cores), "load_before": before, "load_after": _load()}
         place((main_core,), 1)
         for name in methods:
             method = parse_method(name)
