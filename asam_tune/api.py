@@ -10,6 +10,7 @@ scheduler (Slurm submit script, Ray driver, Kubernetes operator) can call them c
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -22,10 +23,12 @@ from asam_tune.records.base import dump_record, load_record
 from asam_tune.records.fingerprint import Fingerprint, fingerprint_differences
 from asam_tune.records.plan import Plan
 from asam_tune.records.profile import Profile
+from asam_tune.records.rho_rule import RhoRule
 
 __all__ = [
     "CpuRequirement", "Plan", "Profile",
-    "check_machine", "cpus_needed", "load_plan", "load_profile", "plan_for", "ray_resources_per_worker",
+    "check_machine", "cpus_needed", "load_plan", "load_profile", "plan_for", "profile_main_device",
+    "ray_resources_per_worker",
     "resources", "save_plan",
 ]
 
@@ -59,22 +62,48 @@ def _profile(profile_or_path: Profile | PathLike) -> Profile:
 
 def plan_for(profile_or_path: Profile | PathLike, batch_size: int, *, main_device: str | None = None,
              margin: float = 0.05, reserved_cores: int = 0, nproc_per_node: int = 1,
-             asynchronous: bool = False) -> Plan:
+             asynchronous: bool = False, min_perturbation_fraction: float | None | str = "default",
+             rho_rule: str | RhoRule = "default") -> Plan:
     """Plan asynchronous SAM for training batch size ``batch_size`` on the profiled machine.
 
     ``reserved_cores`` are kept per rank for data loading, on top of the main process's own;
     ``nproc_per_node`` ranks share the machine's cores (torchrun). ``asynchronous`` takes the
     best asynchronous split even where synchronous SAM would be faster (noted in the plan).
+    ``min_perturbation_fraction`` is the quality floor on b_p / B ("default": the one measured
+    for the rho rule; None: no floor); ``rho_rule`` how the runtime scales rho with b_p
+    ("default", "none" or a ``RhoRule``). Impossible predictions from a profile measured on a
+    busy machine raise ``ImplausiblePlanError``; other doubts are warnings and notes.
     """
     return make_plan(_profile(profile_or_path), batch_size, main_device=main_device, margin=margin,
-                     reserved_cores=reserved_cores, nproc_per_node=nproc_per_node, asynchronous=asynchronous)
+                     reserved_cores=reserved_cores, nproc_per_node=nproc_per_node, asynchronous=asynchronous,
+                     min_perturbation_fraction=min_perturbation_fraction, rho_rule=rho_rule)
+
+
+def profile_main_device(profile: Profile) -> str:
+    """The configuration the profiler measured as the main process: on a CPU-only machine the CPU
+    at half the usable cores (what its contention and handover timings are for)."""
+    for measured in (*profile.contention, *profile.handovers):
+        return measured.main
+    return profile.devices[0].config.key
 
 
 def cpus_needed(profile_or_path: Profile | PathLike, batch_size: int, *, main_device: str | None = None,
                 margin: float = 0.05, min_perturbation_batch: int = 1, nproc_per_node: int = 1) -> CpuRequirement:
-    """The fewest CPU cores per GPU (per rank) that hide the perturbation, and the b_p they give."""
-    return _cpus_needed(_profile(profile_or_path), batch_size, main_device=main_device, margin=margin,
+    """The fewest CPU cores per GPU (per rank) that hide the perturbation, and the b_p they give.
+
+    On a CPU-only profile without ``main_device`` the main process's configuration is the one
+    the profiler measured as main (``profile_main_device``); the explanation says which.
+    """
+    profile = _profile(profile_or_path)
+    chosen = None
+    if main_device is None and all(d.config.is_cpu for d in profile.devices):
+        main_device = chosen = profile_main_device(profile)
+    need = _cpus_needed(profile, batch_size, main_device=main_device, margin=margin,
                         min_perturbation_batch=min_perturbation_batch, nproc_per_node=nproc_per_node)
+    if chosen is None:
+        return need
+    return dataclasses.replace(need, explanation=f"{need.explanation} (main process {chosen}: the profile's main "
+                                                 f"configuration; pass main_device='cpu/<k>t' for another)")
 
 
 def resources(plan: Plan) -> dict:

@@ -1,6 +1,6 @@
 """What every child process of asam-tune sets up before torch loads (no torch).
 
-The CPU perturbation worker (``runtime/affinity.py``) and the profiler's probes
+The CPU perturbation worker (``perturbers/process_child.py``) and the profiler's probes
 (``profiler/probe.py``) share these lists, so both strip the same launcher variables and set
 the same thread variables. It lives below both stages: the profiler must not import the runtime.
 """

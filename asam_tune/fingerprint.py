@@ -6,13 +6,14 @@ the affinity call) is injectable so that every fallback is tested with fakes.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,8 @@ from asam_tune.records.fingerprint import CpuInfo, Fingerprint, GpuInfo
 
 __all__ = [
     "collect_fingerprint",
+    "placed_by_asam_tune",
+    "remember_affinity_before_pinning",
     "usable_cores",
     "usable_core_ids",
     "cgroup_quota_cores",
@@ -119,7 +122,41 @@ def _memory_bytes(psutil: Any) -> int | None:
     return total
 
 
+# The affinity this process had before asam-tune placed it (main_process_placement, a benchmark,
+# a tuning trial). Pinning ourselves to the plan's main cores does not make this another machine
+# (the plan's "usable cores" would otherwise read 2 != 1), nor does it shrink the cores a plan
+# may divide: discovery sees the affinity from before.
+_affinity_before_placement: tuple[int, ...] | None = None
+
+
+@contextlib.contextmanager
+def placed_by_asam_tune(before: Iterable[int] | None) -> Iterator[None]:
+    """Inside, this process's affinity is asam-tune's own doing; ``before`` is what it was.
+
+    Nested placements keep the outermost ``before``. None (affinity unknown) changes nothing.
+    """
+    global _affinity_before_placement
+    outermost = _affinity_before_placement is None and before is not None
+    if outermost:
+        _affinity_before_placement = tuple(sorted({int(core) for core in before})) or None
+    try:
+        yield
+    finally:
+        if outermost:
+            _affinity_before_placement = None
+
+
+def remember_affinity_before_pinning(before: Iterable[int] | None) -> None:
+    """For a placement that lasts as long as the process (a torchrun rank pinned by AsyncSAM):
+    discovery keeps seeing ``before``. A placement already in force keeps its own."""
+    global _affinity_before_placement
+    if _affinity_before_placement is None and before:
+        _affinity_before_placement = tuple(sorted({int(core) for core in before}))
+
+
 def _affinity(affinity_fn: Callable[[], Iterable[int]] | None) -> tuple[int, ...] | None:
+    if affinity_fn is None and _affinity_before_placement is not None:
+        return _affinity_before_placement
     if affinity_fn is None:
         getaffinity = getattr(os, "sched_getaffinity", None)  # absent on macOS and Windows
         if getaffinity is None:

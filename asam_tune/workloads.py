@@ -377,13 +377,19 @@ def load_workload(spec: str, *, input_shape: tuple[int, ...] | None = None,
 # Identity of a model
 
 
+def parameter_shapes_hash(named_parameters) -> str:
+    """16 hex digits over the parameters' names and shapes, in order: the architecture's identity
+    that profiles and plans record (``WorkloadDescriptor.parameter_shapes_hash``)."""
+    shapes = [[name, list(p.shape)] for name, p in named_parameters]
+    return hashlib.sha256(json.dumps(shapes, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def describe(workload: Workload, model: nn.Module) -> WorkloadDescriptor:
     """What a profile records about the model: size, architecture hash and dtype."""
     named = list(model.named_parameters())
     if not named:
         raise WorkloadError(f"model {workload.name!r} has no parameters to train")
-    shapes = [[name, list(p.shape)] for name, p in named]
-    shapes_hash = hashlib.sha256(json.dumps(shapes, separators=(",", ":")).encode()).hexdigest()[:16]
+    shapes_hash = parameter_shapes_hash(named)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in named})
     return WorkloadDescriptor(
         name=workload.name,
@@ -412,7 +418,7 @@ def model_state_fingerprint(model: nn.Module) -> str:
 
 
 __all__ = [
-    "Workload", "BUILTINS", "builtin_names", "load_workload", "parse_shape", "describe",
+    "Workload", "BUILTINS", "builtin_names", "load_workload", "parse_shape", "describe", "parameter_shapes_hash",
     "model_state_fingerprint", "UserFactory", "MNIST1DCNN", "ResNetCIFAR", "BasicBlock",
     "VisionTransformer", "resnet20", "vit_tiny",
 ]

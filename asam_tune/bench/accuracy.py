@@ -13,10 +13,10 @@ import argparse
 import statistics
 import sys
 
+from asam_tune import arguments as types
 from asam_tune.bench.provenance import emit_result, provenance
-from asam_tune.cli import args as types
-from asam_tune.errors import AsamTuneError
 from asam_tune.bench.training import METHODS, TrainConfig, train_mnist1d
+from asam_tune.errors import UserInputError
 from asam_tune.records import Plan
 
 
@@ -56,35 +56,41 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default=None, help="plan for asynchronous SAM (default: in-process worker)")
-    parser.add_argument("--epochs", type=types.positive_int, default=60)
-    parser.add_argument("--seeds", type=types.positive_int, default=3)
-    parser.add_argument("--rho", type=types.non_negative_float, default=0.3)
-    parser.add_argument("--lr", type=types.positive_float, default=0.05)
-    parser.add_argument("--label-noise", type=types.fraction, default=0.3)
-    parser.add_argument("--methods", type=types.csv, default=METHODS,
-                        help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--output", default=None, help="write the full result as JSON here")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", default=None, metavar="PLAN",
+                        help="plan for asynchronous SAM (default: no worker process, the ascent in-process)")
+    parser.add_argument("--epochs", type=types.positive_int, default=60, metavar="N", help="epochs (default 60)")
+    parser.add_argument("--seeds", type=types.positive_int, default=3, metavar="S",
+                        help="seeds 0..S-1 per method (default 3)")
+    parser.add_argument("--rho", type=types.non_negative_float, default=0.3, help="SAM's radius (default 0.3)")
+    parser.add_argument("--lr", type=types.positive_float, default=0.05,
+                        help="base SGD's learning rate, cosine-annealed (default 0.05)")
+    parser.add_argument("--label-noise", type=types.fraction, default=0.3, metavar="FRACTION",
+                        help="share of training labels flipped (default 0.3)")
+    parser.add_argument("--methods", type=types.csv, default=METHODS, metavar="LIST",
+                        help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    parser.add_argument("--output", default=None, metavar="JSON", help="write the full result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        parser.error(f"unknown --methods {','.join(unknown)} (choose from {','.join(METHODS)})")
+        raise UserInputError(f"unknown --methods {','.join(unknown)} (choose from {','.join(METHODS)})")
     plan = None
     if args.plan:
         from asam_tune import api
 
-        try:
-            plan = api.load_plan(args.plan)
-            api.check_machine(plan, allow_other_machine=True)
-        except AsamTuneError as exc:
-            parser.error(str(exc))
+        plan = api.load_plan(args.plan)
+        api.check_machine(plan, allow_other_machine=True)
     result = run_accuracy_bench(plan=plan, seeds=tuple(range(args.seeds)), methods=args.methods,
                                 epochs=args.epochs, label_noise=args.label_noise, rho=args.rho, lr=args.lr,
                                 batch_size=plan.batch_size if plan else 100,
                                 log=lambda line: print(line, file=sys.stderr, flush=True))
     return emit_result(result, args.output, markdown(result))
+
+
+def main(argv=None) -> int:
+    return types.script_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -39,20 +39,20 @@ from collections.abc import Callable
 
 import torch
 
+from asam_tune import arguments as types
 from asam_tune.bench.provenance import emit_result, provenance
-from asam_tune.bench.speed import time_sgd
-from asam_tune.runtime.placement import place, preserved_placement
-from asam_tune.cli import args as types
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.runtime import AsyncSAM
-from asam_tune.runtime.affinity import can_pin
-from asam_tune.runtime.perturbation import ascent_perturbation
+from asam_tune.affinity import can_pin
+from asam_tune.perturbers.ascent import ascent_perturbation
+from asam_tune.perturbers.batches import OutputTargetLoss
+from asam_tune.runtime.placement import place, preserved_placement
+from asam_tune.steptiming import fresh_model, synthetic_batches, time_sgd
 from asam_tune.workloads import Workload, load_workload
 
 TARGET_RATIO = 1.10  # asynchronous SAM / SGD, the issue's target
 ROLLING_WINDOW = 20
-DISTINCT_BATCHES = 8  # cycled: no data loading inside the timer
 WARMUP = 10  # SGD steps dropped before timing
 
 # A competing process on one core: idle until it reads a line, then busy until its parent is
@@ -106,28 +106,18 @@ class CompetingLoad:
             self.process.wait(timeout=5)
 
 
-def _batches(workload: Workload, batch_size: int, count: int) -> list:
-    generator = torch.Generator().manual_seed(1234)
-    made = [workload.make_batch(batch_size, generator=generator) for _ in range(DISTINCT_BATCHES)]
-    return [made[i % DISTINCT_BATCHES] for i in range(count)]
-
-
-def _fresh(workload: Workload, lr: float):
-    torch.manual_seed(0)
-    model = workload.build().train()
-    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-
 def ascent_times(workload: Workload, batch: tuple, sizes: list[int], rho: float, repeats: int = 15) -> dict[int, float]:
     """Median time of the ascent (forward, backward, norm) at each ``b_p``, in this process."""
     model = workload.build().train()
     x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = OutputTargetLoss(workload.loss_fn)
     medians = {}
     for b in sizes:
         samples = []
         for i in range(repeats + 3):
             started = time.perf_counter()
-            ascent_perturbation(model, workload.loss_fn, x[:b], y[:b], rho)
+            ascent_perturbation(model, loss, (x[:b], y[:b]), params, rho)
             if i >= 3:  # warm-up
                 samples.append(time.perf_counter() - started)
         medians[b] = statistics.median(samples)
@@ -163,7 +153,7 @@ def first_above(ratios: list[float | None], start: int = 0, target: float = TARG
 def run_adapting(workload: Workload, batches: list, initial_bp: int, worker_core: int, *, rho: float, lr: float,
                  staleness: int | str = 1, on_step: Callable[[int], None] = lambda step: None) -> dict:
     """Asynchronous SAM with adaptation on: per-step time and the b_p each step left for the next job."""
-    model, optimizer = _fresh(workload, lr)
+    model, optimizer = fresh_model(workload, torch.device("cpu"), lr)
     times, sizes = [], []
     with AsyncSAM(model, optimizer, workload.loss_fn, rho, perturbation_device="cpu", threads=1,
                   cores=(worker_core,), perturbation_batch_size=initial_bp, staleness=staleness,
@@ -240,7 +230,7 @@ def _run_adapt_bench(workload: Workload | str, batch_size: int, *, steps: int, i
                     "target_ratio": TARGET_RATIO, "rolling_window": ROLLING_WINDOW,
                     "loadavg_start": os.getloadavg()}
     place((main_core,), 1)
-    batches = _batches(workload, batch_size, max(steps, WARMUP + sgd_steps))
+    batches = synthetic_batches(workload, batch_size, max(steps, WARMUP + sgd_steps), torch.device("cpu"))
 
     def sgd_times() -> list[float]:
         return time_sgd(workload, batches[:WARMUP + sgd_steps], torch.device("cpu"), WARMUP, lr)
@@ -329,35 +319,43 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="mnist1d-cnn")
-    parser.add_argument("--batch-size", type=types.positive_int, default=100)
-    parser.add_argument("--steps", type=types.positive_int, default=400)
-    parser.add_argument("--initial-bp", type=types.positive_int, default=None,
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="mnist1d-cnn", metavar="NAME",
+                        help=f"built-in workload: {', '.join(types.BUILTIN_WORKLOADS)} (default: mnist1d-cnn)")
+    parser.add_argument("--batch-size", type=types.positive_int, default=100, metavar="B",
+                        help="training batch size (default 100)")
+    parser.add_argument("--steps", type=types.positive_int, default=400, metavar="N",
+                        help="asynchronous-SAM steps per scenario (default 400)")
+    parser.add_argument("--initial-bp", type=types.positive_int, default=None, metavar="B_P",
                         help="the b_p the wrong plan starts from (default: what hides on the idle machine)")
-    parser.add_argument("--load-at", type=types.positive_int, default=None,
+    parser.add_argument("--load-at", type=types.positive_int, default=None, metavar="STEP",
                         help="step at which the competing load starts (default: steps / 4)")
     parser.add_argument("--load", choices=sorted(_LOADS), default="torch",
                         help="the competing load on the worker's core (default: torch)")
     parser.add_argument("--staleness", choices=["1", "non_blocking"], default="1",
                         help="1 (wait for a late worker) or non_blocking (never wait; default: 1)")
-    parser.add_argument("--main-core", type=types.non_negative_int, default=0)
-    parser.add_argument("--worker-core", type=types.non_negative_int, default=1)
-    parser.add_argument("--sgd-steps", type=types.positive_int, default=100)
-    parser.add_argument("--rho", type=types.non_negative_float, default=0.05)
-    parser.add_argument("--lr", type=types.positive_float, default=0.01)
-    parser.add_argument("--output", default=None, help="write the full result as JSON here")
-    args = parser.parse_args(argv)
-    try:
-        result = run_adapt_bench(args.workload, args.batch_size, steps=args.steps, initial_bp=args.initial_bp,
-                                 load_at=args.load_at, load=args.load, main_core=args.main_core,
-                                 worker_core=args.worker_core, rho=args.rho, lr=args.lr, sgd_steps=args.sgd_steps,
-                                 staleness=1 if args.staleness == "1" else "non_blocking",
-                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except UserInputError as exc:
-        parser.error(str(exc))
+    parser.add_argument("--main-core", type=types.non_negative_int, default=0, metavar="CORE",
+                        help="the core the main process runs on (default 0)")
+    parser.add_argument("--worker-core", type=types.non_negative_int, default=1, metavar="CORE",
+                        help="the core the worker and the competing load run on (default 1)")
+    parser.add_argument("--sgd-steps", type=types.positive_int, default=100, metavar="N",
+                        help="SGD steps per baseline measurement (default 100)")
+    parser.add_argument("--rho", type=types.non_negative_float, default=0.05, help="SAM's radius (default 0.05)")
+    parser.add_argument("--lr", type=types.positive_float, default=0.01, help="SGD's learning rate (default 0.01)")
+    parser.add_argument("--output", default=None, metavar="JSON", help="write the full result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_adapt_bench(args.workload, args.batch_size, steps=args.steps, initial_bp=args.initial_bp,
+                             load_at=args.load_at, load=args.load, main_core=args.main_core,
+                             worker_core=args.worker_core, rho=args.rho, lr=args.lr, sgd_steps=args.sgd_steps,
+                             staleness=1 if args.staleness == "1" else "non_blocking",
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))
     return emit_result(result, args.output, report(result))
+
+
+def main(argv=None) -> int:
+    return types.script_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

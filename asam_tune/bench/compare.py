@@ -6,7 +6,7 @@
     python -m asam_tune.bench.compare --plan runs/plan.json --tuned runs/tuned.json --output compare.json
 
 One process, one run after another, each on a fresh copy of the model and the same synthetic
-batches, with the timing code of ``bench/speed.py``:
+batches, with the timing loops of ``asam_tune.steptiming``:
 
 1. on a CPU machine SGD on every usable core (what a user without asam-tune runs); SGD and
    synchronous SAM on the plan's main cores (and on the tuned plan's, if it moved them);
@@ -30,14 +30,15 @@ from collections.abc import Callable
 
 import torch
 
+from asam_tune import arguments as types
 from asam_tune.bench.provenance import emit_result, provenance
-from asam_tune.bench.speed import synthetic_batches, time_sam, time_sgd
-from asam_tune.cli import args as types
-from asam_tune.errors import AsamTuneError, UserInputError
+from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
+from asam_tune.profiler.machine_load import read_load_average
 from asam_tune.records import load_record
 from asam_tune.records.plan import Plan
 from asam_tune.runtime.placement import main_placement, place, preserved_placement
+from asam_tune.steptiming import baseline_warning, hidden_fraction_warning, synthetic_batches, time_sam, time_sgd
 from asam_tune.timing import summarize
 from asam_tune.workloads import load_workload
 
@@ -85,6 +86,7 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
                                      "verdict": p.verdict}
                               for name, p in (("plan", plan), ("tuned", tuned))}}
     baselines: dict[tuple[int, ...], dict] = {}
+    load_start = read_load_average()
     with preserved_placement():
         if device.type == "cpu":
             # What a user without asam-tune runs: SGD on every usable core (the plans' SGD baseline).
@@ -138,6 +140,14 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
         if "sgd_all_cores" in result:
             result[name]["asam_over_sgd_all_cores"] = (result[name]["step_time_median_s"]
                                                       / result["sgd_all_cores"]["step_time_median_s"])
+    result["load_average"] = {"start": load_start, "end": read_load_average()}
+    # The plans' SGD baseline runs on every free core of a CPU machine (the accelerator otherwise).
+    sgd_base = (result["sgd_all_cores"]["step_time_median_s"] if "sgd_all_cores" in result
+                else statistics.median(baselines[placements["plan"][1]]["sgd"]))
+    hidden = {name: hidden_fraction_warning(result[name]["hidden_fraction"]) for name in runs}
+    result["warnings"] = [w for w in (
+        baseline_warning(sgd_base, plan.predictions.sgd_step_s, "SGD", load=result["load_average"]["end"]),
+        *(f"{name} run: {w}" for name, w in hidden.items() if w)) if w]
     return result
 
 
@@ -172,24 +182,29 @@ def markdown(result: dict) -> str:
     ]) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", required=True, help="the cost model's plan (asam-tune plan)")
-    parser.add_argument("--tuned", required=True, help="the tuned plan (asam-tune tune --output)")
-    parser.add_argument("--workload", default=None, help="default: the plan's built-in workload")
-    parser.add_argument("--steps", type=types.positive_int, default=100)
-    parser.add_argument("--warmup", type=types.non_negative_int, default=10)
-    parser.add_argument("--rho", type=types.non_negative_float, default=0.05)
-    parser.add_argument("--output", default=None, help="write the full result as JSON here")
-    args = parser.parse_args(argv)
-    try:
-        plan, tuned = load_record(Plan, args.plan), load_record(Plan, args.tuned)
-        result = run_compare(plan, tuned, workload=args.workload, steps=args.steps, warmup=args.warmup,
-                             rho=args.rho, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except AsamTuneError as exc:
-        print(f"asam-tune: error: {exc}", file=sys.stderr)
-        return 2
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", required=True, metavar="PLAN", help="the cost model's plan (asam-tune plan)")
+    parser.add_argument("--tuned", required=True, metavar="PLAN", help="the tuned plan (asam-tune tune --output)")
+    parser.add_argument("--workload", default=None, metavar="NAME", help="default: the plan's built-in workload")
+    parser.add_argument("--steps", type=types.positive_int, default=100, metavar="N",
+                        help="timed steps per fixed run; the adapted run takes twice as many (default 100, at least 10)")
+    parser.add_argument("--warmup", type=types.non_negative_int, default=10, metavar="N",
+                        help="untimed steps before each run (default 10)")
+    parser.add_argument("--rho", type=types.non_negative_float, default=0.05, help="SAM's radius (default 0.05)")
+    parser.add_argument("--output", default=None, metavar="JSON", help="write the full result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan, tuned = load_record(Plan, args.plan), load_record(Plan, args.tuned)
+    result = run_compare(plan, tuned, workload=args.workload, steps=args.steps, warmup=args.warmup,
+                         rho=args.rho, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for message in result["warnings"]:
+        print(f"asam-tune: warning: {message}", file=sys.stderr)
     return emit_result(result, args.output, markdown(result))
+
+
+def main(argv=None) -> int:
+    return types.script_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

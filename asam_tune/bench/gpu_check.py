@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from asam_tune.arguments import positive_int, script_main
+
 CASES = (("resnet20", (128, 256)), ("vit-tiny", (128,)))
 
 
@@ -56,14 +58,19 @@ def markdown(results: list[dict], plans: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for profiles, results and the table")
-    parser.add_argument("--steps", type=int, default=60)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for profiles, results and the table")
+    parser.add_argument("--steps", type=positive_int, default=60, metavar="N",
+                        help="timed steps per method in each speed benchmark (default 60)")
     parser.add_argument("--cpu-only", action="store_true", help="dry run without a GPU (main device: 1 CPU core)")
     parser.add_argument("--quick", action="store_true", help="quick profiles (for dry runs)")
-    args = parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    return script_main(__doc__, add_arguments, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from asam_tune import api

@@ -8,7 +8,6 @@ would run. The result is a plain dict (JSON) stamped with machine, date and comm
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -16,68 +15,21 @@ import torch
 from asam_tune.bench.provenance import provenance
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import usable_core_ids
+from asam_tune.profiler.busy import asam_tune_jobs
+from asam_tune.profiler.machine_load import read_load_average
 from asam_tune.records.plan import Plan
-from asam_tune.runtime import AsyncSAM
 from asam_tune.runtime.placement import main_placement, place, preserved_placement
+from asam_tune.steptiming import baseline_warning, hidden_fraction_warning, synthetic_batches, time_sam, time_sgd
 from asam_tune.timing import summarize
 from asam_tune.workloads import Workload, load_workload
 
-DISTINCT_BATCHES = 8  # cycled: enough variety, no data-loading time inside the timer
 NOISE_THRESHOLD = 0.1  # IQR / median above which a run is flagged noisy (as the profiler does)
-
-
-def synthetic_batches(workload: Workload, batch_size: int, count: int, device: torch.device) -> list:
-    generator = torch.Generator().manual_seed(1234)
-    made = [workload.make_batch(batch_size, generator=generator) for _ in range(DISTINCT_BATCHES)]
-    made = [(x.to(device), y.to(device)) for x, y in made]
-    return [made[i % DISTINCT_BATCHES] for i in range(count)]
 
 
 def _summary(samples: list[float]) -> dict:
     stats = summarize(samples, noise_threshold=NOISE_THRESHOLD)
     return {"step_time_median_s": stats.median_s, "step_time_iqr_s": stats.iqr_s, "steps": len(samples),
             "noisy": stats.noisy}
-
-
-def _fresh(workload: Workload, device: torch.device, lr: float):
-    torch.manual_seed(0)
-    model = workload.build().to(device).train()
-    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-
-def _sync_for(device: torch.device) -> Callable[[], None]:
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def time_sgd(workload: Workload, batches: list, device: torch.device, warmup: int, lr: float) -> list[float]:
-    model, optimizer = _fresh(workload, device, lr)
-    sync, times = _sync_for(device), []
-    for x, y in batches:
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        workload.loss_fn(model(x), y).backward()
-        optimizer.step()
-        sync()
-        times.append(time.perf_counter() - started)
-    return times[warmup:]
-
-
-def time_sam(workload: Workload, batches: list, device: torch.device, warmup: int, lr: float,
-             rho: float, **sam_options) -> tuple[list[float], dict]:
-    model, optimizer = _fresh(workload, device, lr)
-    sync, times = _sync_for(device), []
-    with AsyncSAM(model, optimizer, workload.loss_fn, rho, **sam_options) as sam:
-        for x, y in sam.lookahead(batches):
-            started = time.perf_counter()
-            sam.step(x, y)
-            sync()
-            times.append(time.perf_counter() - started)
-        stats = sam.stats()
-    return times[warmup:], {"wait_median_s": stats.wait_median_s,
-                            "worker_compute_median_s": stats.worker_compute_median_s,
-                            "staleness_histogram": {str(k): v for k, v in stats.staleness_histogram.items()},
-                            "fallbacks": stats.fallbacks, "skipped_perturbations": stats.skipped_perturbations,
-                            "b_p_trajectory": [list(entry) for entry in stats.perturbation_batch_size_trajectory]}
 
 
 def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, device: torch.device,
@@ -101,7 +53,7 @@ def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, de
     progress(f"asynchronous SAM ({plan.perturbation.key}, b_p={plan.perturbation_batch_size})")
     # adapt=False: measure the plan's b_p as planned (bench/adapt.py measures the adaptation).
     asam_times, asam_stats = time_sam(workload, batches, device, warmup, lr, rho, plan=plan,
-                                      allow_other_machine=True, adapt=False)
+                                      allow_other_machine=True, adapt=False, record_timeline=True)
     result["asam"] = {**_summary(asam_times), **asam_stats}
 
 
@@ -123,8 +75,11 @@ def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, wa
                                   "main_threads": main_threads, "perturbation": plan.perturbation.key,
                                   "worker_cores": list(plan.perturbation.cores or ()),
                                   "perturbation_batch_size": plan.perturbation_batch_size, "mode": plan.mode}}
+    load_start, jobs = read_load_average(), list(asam_tune_jobs())
     with preserved_placement():  # leave the caller's process as it was (gpu_check runs this in-process)
         _measure_all(result, workload, plan, batches, device, main_cores, main_threads, warmup, lr, rho, progress)
+    result["load_average"] = {"start": load_start, "end": read_load_average()}
+    jobs += [job for job in asam_tune_jobs() if job not in jobs]
 
     t_sgd, t_sam, t_asam = (result[k]["step_time_median_s"] for k in ("sgd", "sam", "asam"))
     result["asam_over_sgd"] = t_asam / t_sgd
@@ -143,7 +98,20 @@ def run_speed_bench(workload: Workload | str, plan: Plan, *, steps: int = 30, wa
     result["prediction_error"] = {"asam": predicted.asam_step_s / t_asam - 1,
                                   "sgd": predicted.sgd_step_s / sgd_base - 1,
                                   "sam": predicted.sam_step_s / sam_base - 1}
+    # Numbers that cannot be right say so where they are made, not in a reader's head.
+    result["warnings"] = [w for w in (
+        f"another asam-tune job ran beside the benchmark ({'; '.join(map(str, jobs))}): its times are inflated"
+        if jobs else None,
+        baseline_warning(sgd_base, predicted.sgd_step_s, "SGD", load=result["load_average"]["end"]),
+        hidden_fraction_warning(result["hidden_fraction"])) if w]
     return result
+
+
+def _load_text(load: dict | None) -> str:
+    def first(loads):
+        return "unknown" if not loads else f"{loads[0]:.2f}"
+
+    return "not recorded" if load is None else f"{first(load['start'])} -> {first(load['end'])}"
 
 
 def markdown(result: dict) -> str:
@@ -182,4 +150,5 @@ def markdown(result: dict) -> str:
         "predicted / measured - 1: " + ", ".join(f"{k} {v:+.1%}" for k, v in result["prediction_error"].items())
         + ". "
         f"Plan's verdict: {result['verdict']}",
+        *(["", *(f"Warning: {w}" for w in result.get("warnings", ()))] if result.get("warnings") else []),
     ]) + "\n"

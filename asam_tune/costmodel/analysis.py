@@ -56,14 +56,18 @@ def _accelerators(models: dict[str, DeviceModel]) -> list[DeviceModel]:
     return [m for m in models.values() if not m.config.is_cpu and not m.config.secondary_stream]
 
 
-def baseline_model(models: dict[str, DeviceModel], mains: list[DeviceConfig], budget: CoreBudget) -> DeviceModel:
-    """SGD and SAM run on the main accelerator, or on every free core when the main is the CPU."""
+def baseline_model(models: dict[str, DeviceModel], mains: list[DeviceConfig], budget: CoreBudget,
+                   batch_size: int) -> DeviceModel:
+    """SGD and SAM run on the main accelerator, or, when the main is the CPU, on the fastest
+    measured thread count within the free cores at B (normally all of them; fewer where more
+    threads do not pay, or where another job inflated some points: a baseline slower than one of
+    the split's own configurations would make asynchronous SAM look faster than SGD)."""
     if not mains[0].is_cpu:
         return models[mains[0].key]
     cpus = [m for m in models.values() if m.config.is_cpu and m.config.threads]
     within = [m for m in cpus if m.config.threads <= budget.free]
     if within:
-        return max(within, key=lambda m: m.config.threads)
+        return min(within, key=lambda m: (m.step_s(batch_size), -m.config.threads))
     return min(cpus, key=lambda m: m.config.threads)
 
 
@@ -93,7 +97,7 @@ def analyse(profile: Profile, batch_size: int, *, main_device: str | None = None
         notes.append(f"the profile does not record the usable cores; assumed {budget.per_rank * nproc_per_node}, "
                      f"the largest measured thread count")
     mains = select_mains(profile, models, main_device, batch_size)
-    base_model = baseline_model(models, mains, budget)
+    base_model = baseline_model(models, mains, budget, batch_size)
     base = baseline(base_model, batch_size)
     candidates = build_candidates(profile, mains, set(models), budget, nproc_per_node, batch_size)
     notes.extend(candidates.notes)

@@ -23,11 +23,17 @@ slowdown_pert is the measured slowdown too when main and perturbation both compu
 
 When even b = 1 does not fit, the staleness is s = ceil(T_pert(1) / budget) and b_p is the
 largest b with T_pert(b) <= s * budget (non-blocking mode).
+
+Partial hiding (``at_least``): a b_p above the one that hides, at staleness 1. The main step
+then waits for the ascent, and a step takes whichever cycle is longer: the main step's, or the
+worker's job plus the handover that starts and ends it on the main process::
+
+    T_ASAM = max(T_main(B), T_pert(b_p) + handover)
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from asam_tune.costmodel.candidates import Candidate
 from asam_tune.costmodel.curves import TimeCurve, fit_time_curve, optimizer_step_spread_s, optimizer_step_time_s
@@ -85,15 +91,33 @@ class Evaluation:
     perturbation_uncertainty_s: float
     budget_s: float
     baseline: Baseline
+    # True: b_p is larger than what hides within the budget, at staleness 1 (the main step waits).
+    partial: bool = False
 
     @property
     def hidden(self) -> bool:
-        return self.staleness == 1
+        return self.staleness == 1 and not self.partial
+
+    @property
+    def hiding(self) -> str:
+        """'full', 'partial' or 'stale' (non-blocking): the plan's ``hiding``."""
+        if self.partial:
+            return "partial"
+        return "full" if self.staleness == 1 else "stale"
 
     @property
     def asam_step_s(self) -> float:
         # Hidden: max(T_main, T_pert) = T_main. Non-blocking: the main step never waits.
+        if self.partial:
+            return max(self.main_time_s, self.perturbation_time_s + self.candidate.handover.seconds)
         return self.main_time_s
+
+    @property
+    def asam_uncertainty_s(self) -> float:
+        """The spread of ``asam_step_s``: the main step's, or the worker's cycle's when it is longer."""
+        if self.partial and self.perturbation_time_s + self.candidate.handover.seconds > self.main_time_s:
+            return self.perturbation_uncertainty_s + self.candidate.handover.spread_s
+        return self.main_uncertainty_s
 
     @property
     def hidden_fraction(self) -> float:
@@ -120,6 +144,36 @@ def largest_batch_within(time_of, limit_s: float, upper: int) -> int:
     return low
 
 
+def _perturbation_slowdown(candidate: Candidate) -> float:
+    # Two CPU processes slow each other alike; a GPU main leaves the CPU worker's speed alone.
+    return candidate.slowdown if candidate.main.is_cpu and candidate.perturbation.is_cpu else 1.0
+
+
+def perturbation_time_s(candidate: Candidate, models: dict[str, DeviceModel], batch: int) -> float:
+    """T_pert(b): the ascent's forward+backward on the perturbation device plus both transfers."""
+    curve = models[candidate.perturbation.key].curve
+    return curve.time_s(batch) * _perturbation_slowdown(candidate) + candidate.transfer.total_s
+
+
+def largest_perturbation_batch(candidate: Candidate, models: dict[str, DeviceModel], batch_size: int) -> int:
+    """The largest b_p the perturbation device may be given: B, or below its first OOM."""
+    memory_limit = models[candidate.perturbation.key].curve.largest_fitting_batch
+    return batch_size if memory_limit is None else min(batch_size, memory_limit)
+
+
+def at_least(e: Evaluation, models: dict[str, DeviceModel], batch_size: int, minimum: int) -> Evaluation | None:
+    """``e`` when it hides ``b_p >= minimum`` fully; else the same candidate at ``b_p = minimum``
+    and staleness 1, partially hidden; None when the device cannot hold ``minimum`` samples."""
+    if e.hidden and e.perturbation_batch_size >= minimum:
+        return e
+    if minimum > largest_perturbation_batch(e.candidate, models, batch_size):
+        return None
+    pert = models[e.candidate.perturbation.key]
+    return replace(e, perturbation_batch_size=minimum, staleness=1, partial=True,
+                   perturbation_time_s=perturbation_time_s(e.candidate, models, minimum),
+                   perturbation_uncertainty_s=pert.curve.uncertainty_s(minimum) + e.candidate.transfer.spread_s)
+
+
 def evaluate(candidate: Candidate, models: dict[str, DeviceModel], batch_size: int, margin: float,
              base: Baseline) -> Evaluation | None:
     """Predictions for one candidate; None when it cannot run a single sample (out of memory)."""
@@ -136,11 +190,8 @@ def evaluate(candidate: Candidate, models: dict[str, DeviceModel], batch_size: i
     main_uncertainty = (main.curve.uncertainty_s(batch_size) * candidate.slowdown + main.optimizer_spread_s
                         + main_transfer_spread + handover.spread_s)
     budget = (1 - margin) * main_time
-    # Two CPU processes slow each other alike; a GPU main leaves the CPU worker's speed alone.
-    pert_slowdown = candidate.slowdown if candidate.main.is_cpu and candidate.perturbation.is_cpu else 1.0
-    time_of = lambda b: pert.curve.time_s(b) * pert_slowdown + transfer  # noqa: E731
-    memory_limit = pert.curve.largest_fitting_batch
-    upper = batch_size if memory_limit is None else min(batch_size, memory_limit)
+    time_of = lambda b: perturbation_time_s(candidate, models, b)  # noqa: E731
+    upper = largest_perturbation_batch(candidate, models, batch_size)
     if upper < 1:
         return None
     staleness = max(1, math.ceil(time_of(1) / budget * (1 - _EPS)))

@@ -1,15 +1,20 @@
 """Choose the perturbation device and b_p, and write the decision as a ``Plan`` (no torch).
 
-Ranking (best first), repeated on what is left to order the alternatives:
-1. the smallest staleness (1 = fully hidden, before any non-blocking choice);
+Ranking (best first), repeated on what is left to order the alternatives (``trade.rank``):
+1. the smallest staleness (1 = fully or partially hidden, before any non-blocking choice);
 2. among those, the candidates whose predicted step is within ``EQUIVALENT_STEP_TIME`` of
    the fastest (closer than profiles measure reliably);
 3. among those, the largest b_p (a better ascent estimate), then the fewest CPU cores, then
    the faster step.
-A choice that is not faster than synchronous SAM on the baseline gives a "synchronous" plan.
+With a quality floor (the default) only options with ``b_p >= ceil(floor x B)`` are ranked:
+each candidate's fully hidden b_p when it reaches the floor, else the floor, partially hidden
+(``trade.floor_options``). A choice that is not faster than synchronous SAM on the baseline
+gives a "synchronous" plan. Predictions that cannot be true are refused or warned about
+(``plausibility``).
 """
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timezone
 
 from asam_tune import __version__
@@ -17,30 +22,20 @@ from asam_tune.costmodel.analysis import Analysis, analyse
 from asam_tune.costmodel.candidates import Candidate, CoreBudget, main_cores_of
 from asam_tune.costmodel.evaluate import Evaluation
 from asam_tune.costmodel.memory import parameter_bytes
-from asam_tune.records.plan import Alternative, PerturbationDevice, Plan, Predictions
+from asam_tune.costmodel.plausibility import ImplausiblePlanError, findings, profile_load
+from asam_tune.costmodel.quality import GAIN_TABLES, Floor, gain_text, resolve_floor, rho_rule_named
+from asam_tune.costmodel.trade import (
+    EQUIVALENT_STEP_TIME, expected_gain_of, floor_notes, floor_options, hiding_text, rank, trade,
+)
+from asam_tune.records.plan import Alternative, PerturbationDevice, Plan, Predictions, Quality
 from asam_tune.records.profile import DeviceConfig, Profile
+from asam_tune.records.rho_rule import RhoRule
 
-# Predicted steps closer than this (relative) count as equally fast.
-EQUIVALENT_STEP_TIME = 0.03
+__all__ = ["EQUIVALENT_STEP_TIME", "make_plan", "plan_from_analysis", "rank"]
+
 ALTERNATIVES = 5
 # Below this share of B, say that the ascent direction comes from few samples.
 SMALL_PERTURBATION_SHARE = 0.25
-
-
-def rank(evaluations: list[Evaluation]) -> list[Evaluation]:
-    """The evaluations, best first (see the module docstring)."""
-    remaining = list(evaluations)
-    ordered: list[Evaluation] = []
-    while remaining:
-        staleness = min(e.staleness for e in remaining)
-        pool = [e for e in remaining if e.staleness == staleness]
-        fastest = min(e.asam_step_s for e in pool)
-        band = [e for e in pool if e.asam_step_s <= fastest * (1 + EQUIVALENT_STEP_TIME)]
-        best = max(band, key=lambda e: (e.perturbation_batch_size, -e.candidate.total_cores,
-                                        -e.asam_step_s, -e.perturbation_time_s))
-        ordered.append(best)
-        remaining.remove(best)
-    return ordered
 
 
 def worker_core_ids(profile: Profile, candidate: Candidate, budget: CoreBudget,
@@ -68,23 +63,25 @@ def _device(config: DeviceConfig, cores: tuple[int, ...] | None = None) -> Pertu
 
 def _predictions(e: Evaluation) -> Predictions:
     c = e.candidate
+    # Partially hidden, the worker's cycle may be the longer one: its spread is the step's.
+    main_uncertainty = e.asam_uncertainty_s if e.partial else e.main_uncertainty_s
     return Predictions(
         sgd_step_s=e.baseline.sgd_step_s, sam_step_s=e.baseline.sam_step_s, asam_step_s=e.asam_step_s,
         main_time_s=e.main_time_s, perturbation_time_s=e.perturbation_time_s,
         transfer_time_s=c.transfer.total_s, hidden_fraction=e.hidden_fraction,
         speedup_over_sam=e.speedup_over_sam, contention_slowdown=c.slowdown, contention=c.contention,
-        transfer=c.transfer.source, main_time_uncertainty_s=e.main_uncertainty_s,
+        transfer=c.transfer.source, main_time_uncertainty_s=main_uncertainty,
         perturbation_time_uncertainty_s=e.perturbation_uncertainty_s)
 
 
 def _mode(e: Evaluation) -> str:
-    return "staleness1" if e.hidden else "non_blocking"
+    return "staleness1" if e.staleness == 1 else "non_blocking"
 
 
 def _alternative(e: Evaluation) -> Alternative:
     return Alternative(main_device=e.candidate.main.key, perturbation=_device(e.candidate.perturbation),
                        perturbation_batch_size=e.perturbation_batch_size, mode=_mode(e), staleness=e.staleness,
-                       feasible=e.hidden, predictions=_predictions(e))
+                       feasible=e.hidden, predictions=_predictions(e), hiding=e.hiding)
 
 
 def _ms(seconds: float) -> str:
@@ -119,7 +116,7 @@ def _notes_for(a: Analysis, e: Evaluation) -> list[str]:
     if e.hidden and e.perturbation_time_s + e.perturbation_uncertainty_s > e.budget_s:
         notes.append(f"the perturbation's measured spread (+{_ms(e.perturbation_uncertainty_s)}) reaches past "
                      f"the margin: it may sometimes be late; a larger margin or `asam-tune tune` settles it")
-    if e.perturbation_batch_size < SMALL_PERTURBATION_SHARE * a.batch_size:
+    if e.perturbation_batch_size < SMALL_PERTURBATION_SHARE * a.batch_size and not e.partial:
         notes.append(f"b_p is {e.perturbation_batch_size / a.batch_size:.0%} of B: the ascent direction comes "
                      f"from few samples")
     return notes
@@ -142,10 +139,16 @@ def _handover_notes(c: Candidate) -> list[str]:
             f"{_ms(h.seconds)}"]
 
 
-def _verdict(a: Analysis, e: Evaluation) -> str:
+def _verdict(a: Analysis, e: Evaluation, rule: RhoRule) -> str:
     c = e.candidate
     gain = (f"predicted {_ms(e.asam_step_s)} per step against SAM's {_ms(e.baseline.sam_step_s)} "
-            f"({e.speedup_over_sam:.2f}x), {e.hidden_fraction:.0%} of SAM's extra cost hidden")
+            f"({e.speedup_over_sam:.2f}x) and SGD's {_ms(e.baseline.sgd_step_s)}, {e.hidden_fraction:.0%} of SAM's "
+            f"extra cost hidden; expected to keep {gain_text(expected_gain_of(e, a.batch_size, rule))} of SAM's "
+            f"accuracy gain")
+    if e.partial:
+        return (f"asynchronous SAM with the ascent on {c.perturbation.key} at the quality floor (b_p="
+                f"{e.perturbation_batch_size} of {a.batch_size}) hides the perturbation only partially (the main "
+                f"step waits for it): {gain}")
     if e.hidden:
         return (f"asynchronous SAM with the ascent on {c.perturbation.key} (b_p={e.perturbation_batch_size} of "
                 f"{a.batch_size}) hides the perturbation: {gain}")
@@ -154,7 +157,32 @@ def _verdict(a: Analysis, e: Evaluation) -> str:
             f"b_p={e.perturbation_batch_size}: {gain}")
 
 
-def _synchronous_plan_fields(a: Analysis, ordered: list[Evaluation]) -> dict:
+def _synchronous_verdict(a: Analysis, ordered: list[Evaluation], floor: Floor,
+                         hides_fully: Evaluation | None) -> str:
+    base = a.base
+    if not ordered and hides_fully is not None:
+        return (f"no perturbation device can hold b_p >= {floor.batch} (the quality floor) in memory; use "
+                f"synchronous SAM on {base.config.key} ({_ms(base.sam_step_s)} per step)")
+    if not ordered:
+        return (f"no device can compute the perturbation beside the main step on this machine; use "
+                f"synchronous SAM on {base.config.key} ({_ms(base.sam_step_s)} per step)")
+    best = ordered[0]
+    split = (f"{best.candidate.main.key} + {best.candidate.perturbation.key}, b_p={best.perturbation_batch_size}"
+             f"{', partially hidden' if best.partial else ''}")
+    if floor.fraction is not None and best.partial:
+        cheaper = ""
+        if hides_fully is not None and hides_fully.asam_step_s < base.sam_step_s:
+            cheaper = (f"; {hiding_text(hides_fully)} (b_p={hides_fully.perturbation_batch_size}, "
+                       f"{_ms(hides_fully.asam_step_s)}) would give up the gain the floor keeps")
+        return (f"even at the quality floor asynchronous SAM is slower than SAM: the best split ({split}) predicts "
+                f"{_ms(best.asam_step_s)} per step, synchronous SAM on {base.config.key} {_ms(base.sam_step_s)}"
+                f"{cheaper}; synchronous SAM is the honest choice")
+    return (f"asynchronous SAM is not worth it here: the best split ({split}) predicts {_ms(best.asam_step_s)} per "
+            f"step, synchronous SAM on {base.config.key} {_ms(base.sam_step_s)}; use synchronous SAM")
+
+
+def _synchronous_plan_fields(a: Analysis, ordered: list[Evaluation], floor: Floor,
+                             hides_fully: Evaluation | None) -> dict:
     base, model = a.base, a.base_model
     forward_backward_uncertainty = model.curve.uncertainty_s(a.batch_size)
     predictions = Predictions(
@@ -163,31 +191,53 @@ def _synchronous_plan_fields(a: Analysis, ordered: list[Evaluation]) -> dict:
         hidden_fraction=0.0, speedup_over_sam=1.0, contention_slowdown=1.0, contention="not_applicable",
         transfer="not_applicable", main_time_uncertainty_s=forward_backward_uncertainty + model.optimizer_spread_s,
         perturbation_time_uncertainty_s=forward_backward_uncertainty)
-    if ordered:
-        best = ordered[0]
-        verdict = (f"asynchronous SAM is not worth it here: the best split ({best.candidate.main.key} + "
-                   f"{best.candidate.perturbation.key}, b_p={best.perturbation_batch_size}) predicts "
-                   f"{_ms(best.asam_step_s)} per step, synchronous SAM on {base.config.key} {_ms(base.sam_step_s)}; "
-                   f"use synchronous SAM")
-    else:
-        verdict = (f"no device can compute the perturbation beside the main step on this machine; use "
-                   f"synchronous SAM on {base.config.key} ({_ms(base.sam_step_s)} per step)")
     return dict(main_device=base.config.key, main_cores=main_cores_of(base.config), perturbation=_device(base.config),
                 perturbation_batch_size=a.batch_size, mode="synchronous", staleness=0,
-                feasible=bool(ordered) and ordered[0].hidden, verdict=verdict, predictions=predictions,
-                alternatives=tuple(_alternative(e) for e in ordered[:ALTERNATIVES]))
+                feasible=bool(ordered) and ordered[0].hidden,
+                verdict=_synchronous_verdict(a, ordered, floor, hides_fully), predictions=predictions,
+                alternatives=tuple(_alternative(e) for e in ordered[:ALTERNATIVES]), hiding="none")
 
 
-def plan_from_analysis(a: Analysis, *, asynchronous: bool = False) -> Plan:
+def _check_plausible(a: Analysis, chosen: Evaluation | None, busy: bool | None) -> list[str]:
+    """Refuse a plan whose predictions cannot be true on a busy profile; warn otherwise, and
+    return the impossible ones for the plan's notes (a slower-than-SAM plan has its own note)."""
+    if chosen is None:
+        return []
+    sgd_spread = a.base_model.curve.uncertainty_s(a.batch_size) + a.base_model.optimizer_spread_s
+    found = findings(sgd_step_s=a.base.sgd_step_s, sam_step_s=a.base.sam_step_s,
+                     asam_step_s=chosen.asam_step_s, asam_uncertainty_s=chosen.asam_uncertainty_s,
+                     sgd_uncertainty_s=sgd_spread, busy=busy)
+    for finding in found:
+        if finding.refuse:
+            raise ImplausiblePlanError(finding.message)
+    for finding in found:
+        warnings.warn(finding.message, stacklevel=4)
+    return [finding.message for finding in found if finding.impossible]
+
+
+def plan_from_analysis(a: Analysis, *, asynchronous: bool = False, min_perturbation_fraction: float | None | str = "default",
+                       rho_rule: str | RhoRule = "default") -> Plan:
     """``asynchronous``: take the best split even where synchronous SAM on all cores is faster
-    (the user wants the split, e.g. to keep cores free); the plan notes what it costs."""
-    ordered = rank(a.evaluations)
+    (the user wants the split, e.g. to keep cores free); the plan notes what it costs.
+    ``min_perturbation_fraction``: the quality floor on b_p / B ("default": the rule's measured
+    floor, None: none, hide fully whatever b_p); ``rho_rule``: "default", "none" or a RhoRule."""
+    rule = rho_rule_named(rho_rule)
+    floor = resolve_floor(min_perturbation_fraction, rule, a.batch_size)
+    hiding_order = rank(a.evaluations)
+    hides_fully = hiding_order[0] if hiding_order else None
+    ordered = hiding_order if floor.fraction is None else floor_options(a, floor)
     notes = list(a.notes)
+    load = profile_load(a.profile)
+    if load.busy:
+        notes.append(f"the profile was measured on a busy machine ({load.summary}): its timings, and this plan's "
+                     f"predictions, may be inflated")
+        warnings.warn(f"the profile was measured on a busy machine: {load.summary}", stacklevel=3)
     slower_than_sam = bool(ordered) and ordered[0].asam_step_s >= a.base.sam_step_s
+    chosen = None
     if not ordered or (slower_than_sam and not asynchronous):
-        fields = _synchronous_plan_fields(a, ordered)
+        fields = _synchronous_plan_fields(a, ordered, floor, hides_fully)
     else:
-        best = ordered[0]
+        best = chosen = ordered[0]
         cores = worker_core_ids(a.profile, best.candidate, a.budget, a.nproc_per_node)
         if best.candidate.perturbation.is_cpu and cores is None:
             notes.append("worker cores are not pinned by the plan (several ranks or unknown affinity): the runtime "
@@ -199,22 +249,37 @@ def plan_from_analysis(a: Analysis, *, asynchronous: bool = False) -> Plan:
         fields = dict(main_device=best.candidate.main.key, main_cores=best.candidate.main_cores,
                       perturbation=_device(best.candidate.perturbation, cores),
                       perturbation_batch_size=best.perturbation_batch_size, mode=_mode(best),
-                      staleness=best.staleness, feasible=best.hidden, verdict=_verdict(a, best),
-                      predictions=_predictions(best),
+                      staleness=best.staleness, feasible=best.hidden, verdict=_verdict(a, best, rule),
+                      predictions=_predictions(best), hiding=best.hiding,
                       alternatives=tuple(_alternative(e) for e in ordered[1:1 + ALTERNATIVES]))
+    notes.extend(floor_notes(a, floor, rule, hides_fully, chosen))
+    notes.extend(_check_plausible(a, chosen, load.busy))
     size, size_note = parameter_bytes(a.profile)
     if size_note:
         notes.append(size_note)
+    quality = Quality(min_perturbation_fraction=floor.fraction, min_perturbation_batch_size=floor.batch,
+                      floor_source=floor.source, expected_gain=expected_gain_of(chosen, a.batch_size, rule),
+                      gain_source=GAIN_TABLES[rule.kind].source)
+    keeps_gain = ordered[0] if ordered and floor.fraction is not None else None
     return Plan(created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 asam_tune_version=__version__, profile_fingerprint=a.profile.fingerprint,
                 profile_hash=a.profile.content_hash(), workload=a.profile.workload, parameter_bytes=size,
                 batch_size=a.batch_size, reserved_cores=a.budget.reserved, nproc_per_node=a.nproc_per_node,
-                margin=a.margin, notes=tuple(notes), **fields)
+                margin=a.margin, notes=tuple(notes), rho_rule=rule, quality=quality,
+                trade=trade(a, floor, rule, hides_fully, keeps_gain, chosen, asynchronous), profile_load=load,
+                **fields)
 
 
 def make_plan(profile: Profile, batch_size: int, *, main_device: str | None = None, margin: float = 0.05,
-              reserved_cores: int = 0, nproc_per_node: int = 1, asynchronous: bool = False) -> Plan:
-    """The plan for training with batch size ``batch_size`` on the profiled machine."""
+              reserved_cores: int = 0, nproc_per_node: int = 1, asynchronous: bool = False,
+              min_perturbation_fraction: float | None | str = "default", rho_rule: str | RhoRule = "default") -> Plan:
+    """The plan for training with batch size ``batch_size`` on the profiled machine.
+
+    ``min_perturbation_fraction``: the quality floor on b_p / B ("default": the measured floor
+    for the rule; None: no floor, the version-1 behaviour); ``rho_rule``: "default" (the
+    measured rule, ``quality.DEFAULT_RHO_RULE``), "none" (rho fixed) or a ``RhoRule``.
+    """
     analysis = analyse(profile, batch_size, main_device=main_device, margin=margin,
                        reserved_cores=reserved_cores, nproc_per_node=nproc_per_node)
-    return plan_from_analysis(analysis, asynchronous=asynchronous)
+    return plan_from_analysis(analysis, asynchronous=asynchronous, min_perturbation_fraction=min_perturbation_fraction,
+                              rho_rule=rho_rule)

@@ -19,9 +19,12 @@ from collections.abc import Sequence
 
 import torch
 
+from asam_tune.perturbers.ascent import parameters_at, perturbed_indices
+from asam_tune.perturbers.base import AscentJob, AscentTask
+from asam_tune.perturbers.batches import OutputTargetLoss
+from asam_tune.perturbers.process_parent import ProcessPerturber
+from asam_tune.perturbers.weights import WeightSwap
 from asam_tune.records.profile import TimingStats
-from asam_tune.runtime.perturbation import trainable_parameters
-from asam_tune.runtime.process_worker import ProcessPerturber
 from asam_tune.timing import Clock, MeasureSettings, repeat_samples
 from asam_tune.workloads import Workload
 
@@ -46,33 +49,32 @@ def measure_handover(workload: Workload, threads: int, cores: Sequence[int] | No
     """
     model = workload.build()  # a fresh CPU model: the probe's own copy may live on a GPU
     model.train()
-    params = [p.detach() for p in trainable_parameters(model)]
+    task = AscentTask(model, perturbed_indices(model, model.parameters()), OutputTargetLoss(workload.loss_fn))
+    params = parameters_at(model, task.perturbed)
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    x, y = workload.make_batch(HANDOVER_ROWS, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    with ProcessPerturber(model, workload.loss_fn, rho=RHO, threads=threads, cores=cores,
-                          timeout_s=JOB_TIMEOUT_S) as perturber:
-        return time_handovers(perturber, params, x, y, settings=settings, clock=clock)
+    batch = workload.make_batch(HANDOVER_ROWS, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with ProcessPerturber(task, threads=threads, cores=cores, timeout_s=JOB_TIMEOUT_S) as perturber:
+        return time_handovers(perturber, params, batch, settings=settings, clock=clock)
 
 
-def time_handovers(perturber, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
-                   settings: MeasureSettings, clock: Clock) -> TimingStats:
+def time_handovers(perturber, params: list[torch.Tensor], batch, *, settings: MeasureSettings,
+                   clock: Clock) -> TimingStats:
     """Warm-up handovers, then timed ones until ``settings`` are met (``params`` end unchanged)."""
-    clean = [torch.empty_like(p) for p in params]
+    swap = WeightSwap(params)
     steps = itertools.count()
 
     def one() -> float:
         start = clock.now()
-        perturber.submit(next(steps), params, x, y)
+        perturber.submit(AscentJob(next(steps), [p.detach() for p in params], batch, RHO, seed=0))
         elapsed = clock.now() - start
         _wait_until_ready(perturber)  # the worker computes while the main step runs: untimed
         start = clock.now()
         result = perturber.collect()
         if result.perturbation is None:
             raise RuntimeError("the worker's perturbation was not finite: nothing to apply")
-        with torch.no_grad():  # what AsyncSAM does with it: keep w, add e, restore w
-            torch._foreach_copy_(clean, params)
-            torch._foreach_add_(params, result.perturbation)
-            torch._foreach_copy_(params, clean)
+        swap.keep()  # what AsyncSAM does with it: keep w, add e, restore w
+        swap.apply(result.perturbation)
+        swap.restore()
         return elapsed + clock.now() - start
 
     # At least one warm-up: the first submit allocates and sends the input buffers.

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable
 
-from asam_tune.records.profile import LoadAverages, MachineLoad
+from asam_tune.records.profile import LoadAverages, MachineLoad, Profile
 
 # A 1-minute load average above this many runnable tasks per usable core means another job
 # competes for the cores. Below 1 on purpose: on 2 cores one busy core already changes timings.
@@ -74,6 +74,27 @@ def end_warning(load: MachineLoad) -> str | None:
             "profiling, timings may be noisy (the profile records the load)")
 
 
+def busy_summary(profile: Profile) -> str | None:
+    """One sentence on why the profile's numbers may be inflated by another job: a busy load
+    average at the start or the end, points flagged busy; None when nothing says so. What a plan
+    made from the profile should carry, and what ``show`` prints."""
+    reasons = []
+    load = profile.machine_load
+    if load is not None:
+        if start_warning(load.start, load.usable_cores):
+            reasons.append(f"1-minute load average {load.start[0]:.2f} on {_cores(load.usable_cores)} at the start")
+        if end_warning(load):
+            reasons.append(f"{load.end[0]:.2f} at the end, about {load.own_share_at_end():.2f} of it the profiler's")
+    flagged = profile.busy_points()
+    if flagged:
+        total = sum(1 for d in profile.devices for p in d.points if p.status == "ok")
+        keys = ", ".join(dict.fromkeys(key for key, _ in flagged))
+        reasons.append(f"{len(flagged)} of {total} points measured while another job used their cores ({keys})")
+    if not reasons:
+        return None
+    return "measured on a busy machine: " + "; ".join(reasons)
+
+
 class LoadWatch:
     """Takes the start readings when made; ``finish`` takes the end ones and gives the record.
 
@@ -106,5 +127,5 @@ class LoadWatch:
                            profiler_busy_cores=round(cpu / elapsed, 2) if elapsed > 0 else None)
 
 
-__all__ = ["BUSY_LOAD_PER_CORE", "LoadWatch", "read_load_average", "profiler_cpu_seconds", "start_warning",
+__all__ = ["BUSY_LOAD_PER_CORE", "LoadWatch", "busy_summary", "read_load_average", "profiler_cpu_seconds", "start_warning",
            "end_warning"]

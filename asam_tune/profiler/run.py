@@ -10,7 +10,10 @@ the contention step):
 5. contention: the main probe's step alone and while each candidate is busy.
 
 The machine's load averages are read before step 1 and after step 5 and recorded; a busy
-machine (another job) is reported as a warning, and the profile goes on.
+machine (another job) is reported as a warning, and the profile goes on. Around every point of
+the sweeps ``busy.BusyMonitor`` looks for another asam-tune job and for other processes on the
+probe's cores: a busy point is measured again once, and flagged in the profile if it is still
+busy.
 
 The main device is the first CUDA device when one is asked for; on a CPU-only machine the
 main process and the CPU worker split the usable cores, so the main device is the CPU on the
@@ -19,6 +22,7 @@ first half of the cores and the candidates run on the rest.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from typing import Any
 import asam_tune
 from asam_tune.errors import UserInputError
 from asam_tune.fingerprint import collect_fingerprint, usable_core_ids
+from asam_tune.profiler.busy import BusyMonitor, flagged, merge_remeasured
 from asam_tune.profiler.contention import BusyCandidate, measure_contention, representative_batch
 from asam_tune.profiler.machine_load import LoadSource, LoadWatch, end_warning
 from asam_tune.profiler.probe_process import ProbeFailed, ProbeProcess
@@ -192,13 +197,17 @@ def _workload_request(spec: str, input_shape: Sequence[int] | None, num_classes:
 
 
 def _receive_sweep(probe: ProbeProcess, sizes: Sequence[int], timeout_s: float,
-                   progress: _Progress) -> tuple[list[BatchPoint], bool]:
+                   progress: _Progress, monitor: BusyMonitor | None = None,
+                   advance: int = 1) -> tuple[list[BatchPoint], bool]:
     """The points a sweep probe streams, and whether the probe failed.
 
     A failing probe (crash, hang, reported exception) gives an 'error' point at the first
-    size it did not answer for, and its sweep ends there.
+    size it did not answer for, and its sweep ends there. With ``monitor`` each point carries
+    why the machine was busy while it was measured (``BatchPoint.busy``), if it was.
     """
     points: list[BatchPoint] = []
+    if monitor is not None:
+        monitor.begin(probe.config.cores, (probe.pid, os.getpid()))
     try:
         while True:
             event = probe.next_event(timeout_s)
@@ -207,19 +216,23 @@ def _receive_sweep(probe: ProbeProcess, sizes: Sequence[int], timeout_s: float,
             if event["event"] != "point":
                 raise ProbeFailed(f"{probe.config.key} probe said {event['event']!r} during its sweep")
             point = BatchPoint.model_validate_json(json.dumps(event["point"]))
+            if monitor is not None:
+                point = flagged(point, monitor.end())
             points.append(point)
-            progress.step(f"{probe.config.key}: batch {point.batch_size} {point.status}")
+            progress.step(f"{probe.config.key}: batch {point.batch_size} {point.status}"
+                          + (" (busy)" if point.busy else ""), advance=advance)
     except ProbeFailed as exc:
         done = {p.batch_size for p in points}
         pending = [s for s in sizes if s not in done]
         if pending:
             points.append(BatchPoint(batch_size=pending[0], status="error", error=str(exc)))
-        progress.step(f"{probe.config.key}: {exc}", advance=len(pending))
+        progress.step(f"{probe.config.key}: {exc}", advance=advance * len(pending))
         return points, True
 
 
 def _sweep_in_probe(config: DeviceConfig, request: dict[str, Any], sizes: Sequence[int], timeout_s: float,
-                    progress: _Progress, *, serve: bool) -> tuple[list[BatchPoint], ProbeProcess | None]:
+                    progress: _Progress, *, serve: bool, monitor: BusyMonitor | None = None,
+                    advance: int = 1) -> tuple[list[BatchPoint], ProbeProcess | None]:
     """Run one configuration's sweep; with ``serve`` the probe is returned, still running."""
     progress.say(f"{config.key}: starting its probe process")
     try:
@@ -228,7 +241,7 @@ def _sweep_in_probe(config: DeviceConfig, request: dict[str, Any], sizes: Sequen
         progress.say(f"{config.key}: {exc}")
         return [BatchPoint(batch_size=sizes[0], status="error", error=str(exc))], None
     try:
-        points, failed = _receive_sweep(probe, sizes, timeout_s, progress)
+        points, failed = _receive_sweep(probe, sizes, timeout_s, progress, monitor, advance)
     except BaseException:  # e.g. KeyboardInterrupt: no probe is left behind
         probe.abort()
         raise
@@ -241,13 +254,38 @@ def _sweep_in_probe(config: DeviceConfig, request: dict[str, Any], sizes: Sequen
     return points, None
 
 
+def _sizes_text(points: Iterable[BatchPoint]) -> str:
+    return ", ".join(str(p.batch_size) for p in points)
+
+
+def _sweep_watched(config: DeviceConfig, request: dict[str, Any], sizes: Sequence[int], timeout_s: float,
+                   progress: _Progress, monitor: BusyMonitor,
+                   *, serve: bool) -> tuple[list[BatchPoint], ProbeProcess | None]:
+    """One configuration's sweep; its busy points measured once more in a fresh probe, and
+    flagged when they are busy again."""
+    points, probe = _sweep_in_probe(config, request, sizes, timeout_s, progress, serve=serve, monitor=monitor)
+    busy = [p for p in points if p.busy]
+    if not busy:
+        return points, probe
+    progress.warn(f"{config.key}: batch {_sizes_text(busy)} measured while the machine was busy ({busy[0].busy}); "
+                  "measuring again")
+    again, _ = _sweep_in_probe(config, request, [p.batch_size for p in busy], timeout_s, progress, serve=False,
+                               monitor=monitor, advance=0)
+    points = merge_remeasured(points, again)
+    still = [p for p in points if p.busy]
+    if still:
+        progress.warn(f"{config.key}: batch {_sizes_text(still)} busy again ({still[0].busy}): flagged 'busy' in "
+                      "the profile; profile again on a quiet machine for numbers to trust")
+    return points, probe
+
+
 def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_threads: Iterable[int] | None = None,
                 batch_sizes: Iterable[int] | None = None, quick: bool = False, main_device: str | None = None,
                 input_shape: Sequence[int] | None = None, num_classes: int | None = None,
                 progress: Callable[[ProgressUpdate], None] | None = None,
                 settings: MeasureSettings | None = None,
                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
-                load_average: LoadSource | None = None) -> Profile:
+                load_average: LoadSource | None = None, busy_monitor: BusyMonitor | None = None) -> Profile:
     """Measure ``workload_spec`` on ``devices`` and return the profile (nothing is written).
 
     ``cpu_threads`` defaults to 1, 2, 4, ... up to the usable cores; ``batch_sizes`` to
@@ -256,6 +294,7 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
     User mistakes raise ``UserInputError`` subclasses before anything is measured.
     ``load_average`` replaces ``os.getloadavg`` (tests); a busy machine is reported to
     ``progress`` as a warning at the start and at the end, and recorded in ``machine_load``.
+    ``busy_monitor`` (default: the real one) watches each sweep point; see ``busy.py``.
     """
     from asam_tune.profiler.transfers import trainable_numel_and_dtype
     from asam_tune.workloads import describe, load_workload
@@ -287,12 +326,17 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
     # error), right before the first probe starts.
     watch = LoadWatch(len(cores), load_average)
     tracker.warn(watch.start_warning())
+    monitor = busy_monitor or BusyMonitor()
+    others = monitor.other_jobs()
+    if others:
+        tracker.warn(f"another asam-tune job is running ({'; '.join(map(str, others))}): the two slow each other "
+                     "down; points measured beside it are measured again, and flagged if still busy")
 
     profiles: dict[str, DeviceProfile] = {}
     main_probe: ProbeProcess | None = None
     try:
         for index, config in enumerate(layout.configs):
-            points, probe = _sweep_in_probe(config, request, sizes, probe_timeout_s, tracker, serve=index == 0)
+            points, probe = _sweep_watched(config, request, sizes, probe_timeout_s, tracker, monitor, serve=index == 0)
             if index == 0:
                 main_probe = probe
             profiles[config.key] = DeviceProfile(config=config, points=tuple(points))

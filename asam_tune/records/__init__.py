@@ -15,12 +15,16 @@ from asam_tune.records.profile import (
     TransferPoint,
     WorkloadDescriptor,
 )
-from asam_tune.records.plan import Alternative, PerturbationDevice, Plan, Predictions
+from asam_tune.records.plan import (
+    Alternative, ExpectedGain, PerturbationDevice, Plan, Predictions, ProfileLoad, Quality, Trade, TradeOption,
+)
+from asam_tune.records.rho_rule import NO_RHO_RULE, RhoRule
 
 __all__ = [
     "Record", "check_writable", "dump_record", "load_record", "parse_record", "write_atomic",
     "CpuInfo", "Fingerprint", "GpuInfo", "fingerprint_differences",
     "BatchPoint", "ContentionPoint", "DeviceConfig", "DeviceProfile", "HandoverPoint", "LoadAverages",
     "MachineLoad", "Profile", "ProfileSettings", "TimingStats", "TransferPoint", "WorkloadDescriptor",
-    "Alternative", "PerturbationDevice", "Plan", "Predictions",
+    "Alternative", "ExpectedGain", "PerturbationDevice", "Plan", "Predictions", "ProfileLoad", "Quality", "Trade",
+    "TradeOption", "NO_RHO_RULE", "RhoRule",
 ]

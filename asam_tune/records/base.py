@@ -62,6 +62,49 @@ def _readable_versions(cls: type[Record]) -> tuple:
     return get_args(field.annotation) or (field.default,)
 
 
+# How much of a bad value an error message shows: a field's value, never a whole document.
+_SHOWN_VALUE_CHARS = 80
+
+
+class RecordProblem(RecordError):
+    """A ``RecordError`` whose message is a sentence of its own, not "expected X, got Y"."""
+
+    def __init__(self, source: str, path: str, message: str, actual: object = None):
+        super().__init__(source, path, message, actual)
+        self.args = (f"{source}: at {path}: {message}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE_CHARS else text[:_SHOWN_VALUE_CHARS - 3] + "..."
+
+
+def _newest(readable: tuple) -> int | None:
+    numbers = [v for v in readable if isinstance(v, int) and not isinstance(v, bool)]
+    return max(numbers) if numbers else None
+
+
+def _validation_error(source: str, exc: ValidationError) -> RecordError:
+    """The first problem, as the field's JSON path and its value (a nested object's keys only:
+    a cross-field check's "input" is the whole object, thousands of characters of it)."""
+    first = exc.errors()[0]
+    path = _json_path(first["loc"])
+    message = first["msg"]
+    message = message.removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return RecordProblem(source, path, "field required (missing)")
+    if first["type"] == "extra_forbidden":
+        return RecordProblem(source, path, "extra inputs are not permitted: an unknown field (a file written by a "
+                                           "newer asam-tune? then upgrade asam-tune)", first.get("input"))
+    actual = first.get("input", "<missing>")
+    if isinstance(actual, (dict, list)):
+        return RecordProblem(source, path, message[:1].lower() + message[1:], actual)
+    return RecordProblem(source, path, f"{message[:1].lower() + message[1:]}, got {_shown(actual)}", actual)
+
+
 def parse_record(cls: type[R], document: Any, source: str = "<document>") -> R:
     """Validate an already-decoded JSON document; raise ``RecordError`` on the first problem."""
     if not isinstance(document, dict):
@@ -73,6 +116,12 @@ def parse_record(cls: type[R], document: Any, source: str = "<document>") -> R:
     declared = document.get("schema_version")
     readable = _readable_versions(cls)
     if readable and declared not in readable:
+        newest = _newest(readable)
+        if isinstance(declared, int) and not isinstance(declared, bool) and newest is not None and declared > newest:
+            raise RecordProblem(source, "$.schema_version",
+                                f"schema_version {declared} was written by a newer asam-tune (this one reads "
+                                f"{' or '.join(map(str, readable))}): upgrade asam-tune "
+                                "(pip install --upgrade asam-tune)", declared)
         raise RecordError(source, "$.schema_version", " or ".join(repr(v) for v in readable), declared)
     try:
         # Validate in JSON mode: strict about types, yet JSON arrays are accepted as tuples.
@@ -82,11 +131,7 @@ def parse_record(cls: type[R], document: Any, source: str = "<document>") -> R:
     try:
         return cls.model_validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        actual = first.get("input", "<missing>")
-        if first["type"] == "missing":
-            actual = "<missing>"
-        raise RecordError(source, _json_path(first["loc"]), first["msg"].lower(), actual) from None
+        raise _validation_error(source, exc) from None
 
 
 def _reject_constant(name: str) -> None:
@@ -122,8 +167,24 @@ def check_writable(path: str | os.PathLike) -> None:
         raise UserInputError(f"cannot write {str(path)!r}: its folder is not writable")
 
 
+def _creation_mode() -> int:
+    """0666 less the umask: the mode ``open()`` gives a new file (``mkstemp`` gives 0600, which
+    would keep profiles and plans from the rest of a cluster group)."""
+    try:
+        # Linux >= 4.7 shows it without changing it (os.umask would, for every thread at once).
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` so that readers see the old file or the new one, never half of it."""
+    """Write ``text`` so that readers see the old file or the new one, never half of it; a new
+    file gets the usual mode (0644 under the common umask 022)."""
     check_writable(path)
     target = Path(path)
     try:
@@ -131,6 +192,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     except OSError as exc:
         raise UserInputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     try:
+        os.fchmod(fd, _creation_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -148,3 +210,21 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 def dump_record(record: Record, path: str | os.PathLike) -> None:
     write_atomic(path, record.to_json() + "\n")
+
+
+def save_or_keep(record: Record, path: str | os.PathLike, what: str) -> None:
+    """``dump_record``, and when that fails (a full disk, a folder gone read-only) the record is
+    written to a temporary file instead, which the error names: minutes of measuring are not
+    lost to a failed final write."""
+    try:
+        dump_record(record, path)
+    except UserInputError as exc:
+        try:
+            fd, kept = tempfile.mkstemp(prefix=f"asam-tune-{what}-", suffix=".json")
+            os.fchmod(fd, _creation_mode())
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(record.to_json() + "\n")
+        except OSError as second:
+            raise UserInputError(f"{exc}; keeping the {what} in a temporary file failed too "
+                                 f"({second.strerror or second})") from None
+        raise UserInputError(f"{exc}; the {what} is kept in {kept}: move it where you want it") from None

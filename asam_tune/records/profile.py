@@ -15,6 +15,8 @@ Layout (schema_version 2)::
       machine_load         optional: how busy the machine was while it was measured: the 1-, 5-
                            and 15-minute load averages at the start and at the end, the usable
                            cores to compare them with, and the profiler's own share of the end
+      points[].busy        optional: why a point's timings are suspect (another job used its
+                           cores while it was measured, and again when it was measured again)
 
 Version 1 files (no handovers) load as they are: schema_version stays 1, so their content
 hash, which plans record, does not change. The optional fields (machine_load, the contention
@@ -69,11 +71,17 @@ class DeviceConfig(Record):
 
 
 class BatchPoint(Record):
+    # Optional, added later: left out of the file while None (older files keep their hash).
+    omit_when_none = frozenset({"busy"})
+
     batch_size: PositiveInt
     status: Literal["ok", "oom", "error"]
     forward_backward: TimingStats | None = None
     optimizer_step: TimingStats | None = None
     error: str | None = None
+    # Why these timings are suspect: measured while another job used the cores (and still so
+    # when measured again). None: nothing else was seen running.
+    busy: str | None = None
 
     @model_validator(mode="after")
     def _status_matches_content(self) -> "BatchPoint":
@@ -84,6 +92,8 @@ class BatchPoint(Record):
             raise ValueError(f"a {self.status!r} point carries no timings")
         if self.status == "error" and not self.error:
             raise ValueError("an 'error' point needs its error message")
+        if self.busy is not None and self.status != "ok":
+            raise ValueError(f"a {self.status!r} point has no timings to flag busy")
         return self
 
 
@@ -205,7 +215,13 @@ class Profile(Record):
         if any(c.main_cores is not None or c.busy_cores is not None for c in self.contention):
             raise ValueError("a version-1 profile has no contention cores; main_cores and busy_cores need "
                              "schema_version 2")
+        if any(p.busy is not None for d in self.devices for p in d.points):
+            raise ValueError("a version-1 profile has no busy flags; busy points need schema_version 2")
         return self
+
+    def busy_points(self) -> list[tuple[str, BatchPoint]]:
+        """(configuration key, point) of every point flagged as measured on a busy machine."""
+        return [(d.config.key, p) for d in self.devices for p in d.points if p.busy is not None]
 
     def device(self, key: str) -> DeviceProfile:
         for entry in self.devices:

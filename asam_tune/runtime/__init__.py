@@ -1,7 +1,10 @@
-"""The training-time stage: ``AsyncSAM`` and the perturbation workers behind it.
+"""The training-time stage: ``AsyncSAM``, which drives a perturber (``asam_tune.perturbers``).
 
-``AsyncSAM`` is loaded on first use so that a worker process importing
-``asam_tune.runtime.process_worker`` does not pay for the whole runtime.
+Modules: ``async_sam`` (the class), ``options`` (plan and arguments), ``schedule`` (which
+result serves which step), ``failures`` (fallback), ``workers`` (which perturber),
+``adaptation`` and ``adaptation_feed`` (online ``b_p``), ``checkpoint``, ``hooks``, ``stats``,
+``distributed`` (several ranks), ``placement`` (the main process's cores).
+``AsyncSAM`` is loaded on first use.
 """
 from __future__ import annotations
 

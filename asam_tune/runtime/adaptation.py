@@ -108,11 +108,15 @@ def _check_size(name: str, value: Any) -> int:
 class BatchSizeAdapter:
     """Shrinks ``b_p`` when the worker is late, grows it (up to ``bound``) when it idles."""
 
-    def __init__(self, initial: int, bound: int, settings: AdaptationSettings | None = None):
+    def __init__(self, initial: int, bound: int, settings: AdaptationSettings | None = None, *, floor: int = 1):
         self.bound = _check_size("bound", bound)
+        # The plan's quality floor: below it SAM's gain is lost, so a late worker at the floor
+        # makes the main step wait (partial hiding) rather than shrink b_p further.
+        self.floor = min(_check_size("floor", floor), self.bound)
         initial = _check_size("initial", initial)
         if initial > self.bound:
             raise UserInputError(f"initial b_p {initial} exceeds the bound {self.bound}")
+        initial = max(initial, self.floor)
         self.settings = settings or AdaptationSettings()
         self.batch_size = initial
         self.steps = 0  # observations so far
@@ -157,16 +161,18 @@ class BatchSizeAdapter:
         waited = statistics.median(o.waited_s for o in late)
         self._ceiling = b if self._ceiling is None else min(self._ceiling, b)
         self._ceiling_until = self.steps + self.settings.ceiling_ttl
-        if b == 1:
+        if b <= self.floor:
             if not self._warned_floor:
-                logger.warning("b_p is 1 and the worker is still late on %d of the last %d steps (waited "
-                               "%.3g ms of %.3g ms): only non-blocking mode can hide it", len(late),
-                               len(self._window), waited * 1e3, (compute + waited) * 1e3)
+                why = ("only non-blocking mode can hide it" if self.floor == 1 else
+                       "the quality floor keeps b_p here: the main step waits (partial hiding)")
+                logger.warning("b_p is %d and the worker is still late on %d of the last %d steps (waited "
+                               "%.3g ms of %.3g ms): %s", b, len(late), len(self._window), waited * 1e3,
+                               (compute + waited) * 1e3, why)
                 self._warned_floor = True
             self._restart()
             return
         target = math.floor(b * self.settings.target_share * compute / (compute + waited))
-        self._change(max(1, min(b - 1, target)),
+        self._change(max(self.floor, min(b - 1, target)),
                      f"the worker was late on {len(late)} of the last {len(self._window)} steps "
                      f"(median wait {waited * 1e3:.3g} ms beside {compute * 1e3:.3g} ms of main compute)")
 
@@ -204,6 +210,7 @@ class BatchSizeAdapter:
         return {
             "settings": asdict(self.settings),
             "bound": self.bound,
+            "floor": self.floor,
             "batch_size": self.batch_size,
             "steps": self.steps,
             "trajectory": [list(entry) for entry in self.trajectory],
@@ -218,6 +225,7 @@ class BatchSizeAdapter:
         try:
             settings = AdaptationSettings(**state["settings"])
             bound, batch_size = _check_size("bound", state["bound"]), _check_size("batch_size", state["batch_size"])
+            floor = _check_size("floor", state.get("floor", 1))  # older states: no floor
             steps, cooldown = int(state["steps"]), int(state["cooldown"])
             trajectory = [(int(s), int(b)) for s, b in state["trajectory"]]
             window = [_check_observation(*entry) for entry in state["window"]]
@@ -228,6 +236,7 @@ class BatchSizeAdapter:
         if batch_size > bound:
             raise UserInputError(f"invalid BatchSizeAdapter state: b_p {batch_size} exceeds the bound {bound}")
         self.settings, self.bound, self.batch_size, self.steps = settings, bound, batch_size, steps
+        self.floor = min(floor, bound)
         self.trajectory = trajectory
         self._window = deque(window, maxlen=settings.window)
         self._cooldown, self._ceiling, self._ceiling_until = cooldown, ceiling, ceiling_until

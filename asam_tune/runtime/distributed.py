@@ -13,7 +13,7 @@ Both concerns apply only when a process group of several ranks is initialised:
   with one all_reduce of one int per step, at a fixed point of the step.
 
 The perturbation itself stays rank-local: the worker is a separate process whose launcher
-variables are stripped before torch loads (``affinity.boot_worker``); it never joins the process
+variables are stripped before torch loads (``perturbers/process_child.boot``); it never joins the process
 group, and its replica is DDP's inner module, so the ascent pass triggers no collective.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from asam_tune.errors import UserInputError
-from asam_tune.runtime import affinity
+from asam_tune import affinity
 
 __all__ = ["FailureAgreement", "RankCores", "RankPlacement", "default_main_cores", "divide_cores",
            "node_id", "place_rank", "process_group_of", "rank_cores"]
@@ -259,6 +259,10 @@ def place_rank(group: Any, *, worker_threads: int, main_cores: int | None = None
         # Explicit: torchrun leaves OMP_NUM_THREADS=1 when several ranks share a node.
         torch.set_num_threads(main)
         if placement.main_pinned and affinity.can_pin():
+            from asam_tune.fingerprint import remember_affinity_before_pinning
+
+            # Pinned by us, this process is still on the same machine for plans checked later.
+            remember_affinity_before_pinning(affinity.allowed_cores())
             affinity.pin_process(cores.main)  # every thread; children (data loaders) inherit it
     return placement
 

@@ -2,22 +2,26 @@
 
 ``AsyncSAM`` pins its worker; the main process is the caller's, so placing it is explicit:
 
-    with main_process_placement(plan):
-        ... train ...
+    with main_process_placement("plan.json"):       # a Plan or its path
+        ... build AsyncSAM, train ...
 
 (with one rank; under torchrun ``AsyncSAM`` places each rank itself, see ``distributed.py``).
-Everything is restored on exit.
+The block may be entered before or after ``AsyncSAM`` is built: while it holds, the machine's
+fingerprint and the usable cores are those from before the placement (see
+``fingerprint.placed_by_asam_tune``). Everything is restored on exit.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 
-from asam_tune.fingerprint import usable_core_ids
+from asam_tune.errors import UserInputError
+from asam_tune.fingerprint import placed_by_asam_tune, usable_core_ids
 from asam_tune.records.plan import Plan
-from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+from asam_tune.affinity import allowed_cores, can_pin, pin_process
 
 
 def main_placement(plan: Plan) -> tuple[torch.device, tuple[int, ...], int]:
@@ -42,17 +46,31 @@ def preserved_placement() -> Iterator[None]:
     """Restore this process's affinity and thread count on exit, whatever happened inside."""
     before_cores, before_threads = allowed_cores(), torch.get_num_threads()
     try:
-        yield
+        with placed_by_asam_tune(before_cores):
+            yield
     finally:
         if before_cores is not None and can_pin():
             pin_process(before_cores)
         torch.set_num_threads(before_threads)
 
 
+def _plan(plan: Plan | str | os.PathLike) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        from asam_tune.records import load_record
+
+        return load_record(Plan, plan)
+    raise UserInputError(f"main_process_placement needs a Plan or the path of one, got {type(plan).__name__}")
+
+
 @contextlib.contextmanager
-def main_process_placement(plan: Plan) -> Iterator[tuple[torch.device, tuple[int, ...], int]]:
-    """Inside the block the main process runs on the plan's main cores and threads."""
-    device, cores, threads = main_placement(plan)
+def main_process_placement(plan: Plan | str | os.PathLike) -> Iterator[tuple[torch.device, tuple[int, ...], int]]:
+    """Inside the block the main process runs on the plan's main cores and threads.
+
+    ``plan``: a ``Plan`` or its path, as ``AsyncSAM(plan=...)`` takes.
+    """
+    device, cores, threads = main_placement(_plan(plan))
     with preserved_placement():
         place(cores, threads)
         yield device, cores, threads

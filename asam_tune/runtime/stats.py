@@ -34,6 +34,9 @@ class AsyncSAMStats:
     # a b_p set after step t is used from the job handed to the worker in step t + 1.
     # Empty when adaptation is off.
     perturbation_batch_size_trajectory: tuple[tuple[int, int], ...] = ()
+    # The rho of the last job handed to the worker: the user's rho after the rho rule for the
+    # b_p in use (runtime/options.py); None before the first job.
+    rho_applied: float | None = None
 
 
 def _median(samples: deque[float]) -> float:
@@ -52,6 +55,7 @@ class StatsRecorder:
         self._step_waits: deque[float] = deque(maxlen=WINDOW)
         self._compute_times: deque[float] = deque(maxlen=WINDOW)
         self._current_wait = 0.0
+        self.rho_applied: float | None = None
 
     def add_wait(self, seconds: float) -> None:
         self._current_wait += seconds
@@ -80,6 +84,7 @@ class StatsRecorder:
             fallbacks=self.fallbacks,
             perturbation_batch_size=perturbation_batch_size,
             perturbation_batch_size_trajectory=trajectory,
+            rho_applied=self.rho_applied,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -110,3 +115,26 @@ class StatsRecorder:
         self._step_waits = deque(step_waits, maxlen=WINDOW)
         self._compute_times = deque(compute_times, maxlen=WINDOW)
         self._current_wait = 0.0
+
+
+class TimelineRecorder:
+    """Start and end of every main step, handover, wait and worker job, for a timeline plot.
+
+    Times are ``time.perf_counter()`` seconds: the CPU worker's clock too (one system-wide
+    monotonic clock on Linux), so its jobs line up with the main steps. Bounded: the first
+    ``limit`` events are kept.
+    """
+
+    KINDS = ("main_step", "handover", "wait", "ascent")
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self._events: list[dict[str, Any]] = []
+
+    def add(self, kind: str, step: int, start_s: float | None, end_s: float | None) -> None:
+        if start_s is None or end_s is None or len(self._events) >= self.limit:
+            return
+        self._events.append({"kind": kind, "step": step, "start_s": start_s, "end_s": end_s})
+
+    def events(self) -> list[dict[str, Any]]:
+        return [dict(e) for e in self._events]

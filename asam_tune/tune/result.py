@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 from asam_tune import __version__
+from asam_tune.costmodel.quality import measured_choice_update
 from asam_tune.records.base import parse_record
 from asam_tune.records.plan import Alternative, PerturbationDevice, Plan, Predictions
 from asam_tune.records.profile import DeviceConfig
@@ -112,7 +113,9 @@ def tuned_plan(plan: Plan, space: SearchSpace, result: StudyResult, *, margin: f
         created_at=created_at or _now(), asam_tune_version=__version__, main_device=_main_key(plan, config),
         main_cores=config.main_threads if config.main_threads is not None else plan.main_cores, margin=margin,
         perturbation=perturbation, perturbation_batch_size=config.perturbation_batch_size, mode="staleness1",
-        staleness=1, feasible=True, verdict=verdict, predictions=predictions, alternatives=alternatives, notes=notes))
+        staleness=1, feasible=True, verdict=verdict, predictions=predictions, alternatives=alternatives,
+        # A version-2 plan's hiding, expected gain and trade follow the measured b_p.
+        **measured_choice_update(plan, config.perturbation_batch_size, notes)))
     # model_copy does not validate: go through the same path as a plan read from disk.
     return parse_record(Plan, json.loads(tuned.to_json()), "the tuned plan")
 

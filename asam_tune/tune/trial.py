@@ -1,7 +1,7 @@
 """The real trial runner: short windows of asynchronous-SAM steps on the user's workload.
 
-Timing is ``bench.speed``'s (same synthetic batches, same loops, same ``place``): the baseline
-runs SGD and synchronous SAM where the plan's baseline runs (every core left after the reserved
+Timing is ``asam_tune.steptiming``'s, as the speed benchmark's (same synthetic batches, same
+loops, same ``place``): the baseline runs SGD and synchronous SAM where the plan's baseline runs (every core left after the reserved
 ones for a CPU main, the main GPU otherwise); each trial pins the main process to its cores,
 starts the worker the configuration names and times ``steps`` steps after ``warmup``, and
 more until ``min_seconds`` of timed steps have passed (``window.TrialLength``; the baseline
@@ -10,6 +10,7 @@ restores the model (``with WorkloadTrialRunner(...) as runner``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -17,11 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from asam_tune.bench.speed import DISTINCT_BATCHES, synthetic_batches, time_sam, time_sgd
-from asam_tune.runtime.placement import place
+from asam_tune.steptiming import DISTINCT_BATCHES, synthetic_batches, time_sam, time_sgd
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.records.plan import Plan
-from asam_tune.runtime.affinity import allowed_cores, can_pin, pin_process
+from asam_tune.affinity import can_pin
+from asam_tune.runtime.placement import place, preserved_placement
 from asam_tune.tune.selection import Measurement
 from asam_tune.tune.space import SearchSpace, TrialConfig
 from asam_tune.timing import summarize
@@ -54,19 +55,20 @@ class WorkloadTrialRunner:
         self.clock = clock
         # The distinct batches only: each window cycles them for as many steps as it takes.
         self.batches = synthetic_batches(workload, plan.batch_size, DISTINCT_BATCHES, self.device)
-        self._saved: tuple[list[int] | None, int] | None = None
+        self._placement: contextlib.AbstractContextManager | None = None
 
     def __enter__(self) -> WorkloadTrialRunner:
-        self._saved = (allowed_cores(), torch.get_num_threads())
+        # Restores affinity and threads on exit, and meanwhile the trials' pinning does not make
+        # this "another machine" to the plans they run.
+        self._placement = preserved_placement()
+        self._placement.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._saved is None:
+        if self._placement is None:
             return
-        (cores, threads), self._saved = self._saved, None
-        if cores is not None and can_pin():
-            pin_process(cores)
-        torch.set_num_threads(threads)
+        placement, self._placement = self._placement, None
+        placement.__exit__(*exc_info)
 
     def _window(self):
         """A fresh loader for one timing loop: it ends when the window is long enough."""

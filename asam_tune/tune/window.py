@@ -7,9 +7,9 @@ trial also keeps timing until ``min_seconds`` of timed steps have passed, up to 
 the number of steps (``MAX_STEPS_FACTOR`` x ``steps``), so that a clock that never advances
 cannot loop forever.
 
-``timed_batches`` is the loader the timing loops of ``bench/speed.py`` iterate over: it cycles
-the few synthetic batches (no new batch is allocated) and ends when the window is long enough.
-The loops stay bench.speed's own; only their loader decides when to stop.
+``timed_batches`` is the loader the timing loops of ``asam_tune.steptiming`` iterate over: it
+cycles the few synthetic batches (no new batch is allocated) and ends when the window is long
+enough. The loops stay steptiming's own; only their loader decides when to stop.
 """
 from __future__ import annotations
 

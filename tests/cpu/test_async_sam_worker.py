@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asam_tune.errors import UserInputError
+from asam_tune.errors import UserInputError, WorkerError
+from asam_tune.records.rho_rule import DEFAULT_RHO_RULE
 from asam_tune.runtime import AsyncSAM
 from tests.unit.test_async_sam import RHO, batches, bn_convnet, max_diff, one_thread, reference_sam, sgd  # noqa: F401
 
@@ -48,7 +49,7 @@ def _worker_sam(model, **kwargs) -> AsyncSAM:
 def test_process_worker_staleness1_equals_the_serial_reference_and_leaves_no_child():
     data = batches((1, 6, 6), steps=STEPS)
     model, reference = bn_convnet(), bn_convnet()
-    with _worker_sam(model) as sam:
+    with _worker_sam(model, rho_rule="none") as sam:  # the reference's rho at b_p = 4 of 8
         pid = sam.worker_pid
         assert pid is not None and pid in _children()
         for x, y in sam.lookahead(data):
@@ -59,7 +60,21 @@ def test_process_worker_staleness1_equals_the_serial_reference_and_leaves_no_chi
     assert max_diff(model, reference) <= 1e-10
     assert stats.staleness_histogram == {0: 1, 1: STEPS - 1}
     assert stats.fallbacks == 0 and stats.steps == STEPS and stats.perturbation_batch_size == BP
-    assert stats.worker_compute_median_s > 0
+    assert stats.worker_compute_median_s > 0 and stats.rho_applied == RHO
+
+
+def test_process_worker_applies_the_default_rho_rule():
+    data = batches((1, 6, 6), steps=4)
+    model, reference = bn_convnet(), bn_convnet()
+    rho = DEFAULT_RHO_RULE.rho_for(RHO, BP, 8)
+    assert rho > RHO
+    with _worker_sam(model) as sam:
+        assert sam.rho_at(BP, 8) == rho
+        for x, y in sam.lookahead(data):
+            sam.step(x, y)
+        assert sam.stats().rho_applied == rho and sam.stats().fallbacks == 0
+    reference_sam(reference, sgd(reference), data, rho, BP, lag=[0, 1, 1, 1])
+    assert max_diff(model, reference) <= 1e-10
 
 
 def test_sigkilled_worker_warns_once_and_training_continues_as_synchronous_sam():
@@ -68,7 +83,7 @@ def test_sigkilled_worker_warns_once_and_training_continues_as_synchronous_sam()
     killed_after = 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _worker_sam(model) as sam:
+        with _worker_sam(model, rho_rule="none") as sam:
             pid = sam.worker_pid
             for i, (x, y) in enumerate(sam.lookahead(data)):
                 sam.step(x, y)
@@ -97,10 +112,45 @@ def test_a_batch_with_fewer_labels_than_inputs_is_a_user_error_not_a_worker_fail
     (x0, y0), (x1, y1) = batches((1, 6, 6), steps=2)
     with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturbation_device="cpu", threads=1,
                   worker_timeout_s=60.0) as sam:  # the whole batch goes to the worker
-        with pytest.raises(UserInputError, match="differ in rows"):
+        with pytest.raises(UserInputError, match="rows"):
             for x, y in sam.lookahead([(x0, y0), (x1, y1[:-1])]):
                 sam.step(x, y)
         assert sam.stats().fallbacks == 0
+
+
+def test_a_worker_that_fails_at_start_falls_back_with_one_warning_or_raises():
+    # The model pickles, but rebuilding it inside the worker fails: a start failure in the worker
+    # process. "fallback": one warning, then synchronous SAM from step 0; "raise": the WorkerError.
+    from tests.cpu.test_process_worker import RefusesToRebuildInWorker
+
+    def refusing_model():
+        torch.manual_seed(0)
+        return RefusesToRebuildInWorker().double()
+
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    data = [(x + i, y) for i in range(4)]
+    children = _children()
+    model = refusing_model()
+    with pytest.raises(WorkerError, match="refusing to rebuild in a worker"):
+        AsyncSAM(model, sgd(model), F.mse_loss, rho=RHO, perturbation_device="cpu", on_worker_failure="raise")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with AsyncSAM(model, sgd(model), F.mse_loss, rho=RHO, perturbation_device="cpu",
+                      perturbation_batch_size=BP, worker_timeout_s=60.0) as sam:
+            assert sam.staleness == 0 and sam.worker_pid is None
+            for batch in sam.lookahead(data):
+                sam.step(*batch)
+            stats = sam.stats()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "refusing to rebuild" in messages[0] and "synchronous SAM" in messages[0]
+    assert stats.fallbacks == 1 and stats.staleness_histogram == {0: len(data)}
+    assert _children() <= children
+    # Synchronous SAM at the rule's rho: the same as an in-process run from the start.
+    plain = refusing_model()
+    with AsyncSAM(plain, sgd(plain), F.mse_loss, rho=RHO, staleness=0, perturbation_batch_size=BP) as sam:
+        for batch in sam.lookahead(data):
+            sam.step(*batch)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
 
 
 def test_exception_inside_the_block_leaves_no_child_process():

@@ -13,7 +13,7 @@ import pytest
 from asam_tune.bench import adapt, compare
 from asam_tune.fingerprint import usable_core_ids
 from asam_tune.records import Plan, load_record
-from asam_tune.runtime.affinity import can_pin
+from asam_tune.affinity import can_pin
 
 pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(240)]
 PROFILE = "profiles/cpu-2core-mnist1d-cnn.json"

@@ -73,8 +73,9 @@ def test_train_refuses_a_plan_for_another_workload_or_batch_size(tmp_path):
     assert cli("plan", str(profile), "-b", "64", "--allow-other-machine", "-o", str(plan)).returncode == 0
     one_line_error(cli("train", "--plan", str(plan), "--allow-other-machine", "-b", "32"),
                    "--batch-size 32", "64")
+    # train offers only the task it runs (its help lists no other).
     one_line_error(cli("train", "--workload", "resnet20", "--plan", str(plan), "--allow-other-machine"),
-                   "MNIST-1D task only", "resnet20")
+                   "--workload", "resnet20", "mnist1d-cnn")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -118,10 +119,12 @@ def test_profile_plan_train_end_to_end(tmp_path):
     assert json.loads(result.stdout)["workload"]["name"] == "mnist1d-cnn" == loaded.workload.name
     result = cli("plan", str(profile), "-b", "32", "--asynchronous", "-o", str(plan), "--format", "none")
     assert result.returncode == 0, result.stderr
+    results = tmp_path / "results.json"
     result = cli("train", "--workload", "mnist1d-cnn", "--plan", str(plan), "--epochs", "1", "--format", "json",
-                 timeout=240)
+                 "-o", str(results), timeout=240)
     assert result.returncode == 0, result.stderr
     rows = {row["method"]: row for row in json.loads(result.stdout)}
+    assert json.loads(results.read_text())["results"] == json.loads(result.stdout)
     assert set(rows) == {"sgd", "sam", "asam"}
     assert all(0.1 < row["test_accuracy"] <= 1 for row in rows.values())
     assert rows["asam"]["worker"]["staleness_histogram"].get("1", rows["asam"]["worker"]["staleness_histogram"].get(1))

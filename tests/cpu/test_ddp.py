@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from asam_tune.errors import UserInputError, WorkerError
 from asam_tune.fingerprint import usable_core_ids
+from asam_tune.records.rho_rule import DEFAULT_RHO_RULE
 from asam_tune.runtime.distributed import default_main_cores, divide_cores, rank_cores
 from tests.unit.test_async_sam import (  # noqa: F401 (one_thread: autouse fixture)
     RHO, ScriptedPerturber, ascent, batches, bn_convnet, max_diff, one_thread, reference_sam, sgd,
@@ -43,6 +44,9 @@ PER_RANK = 8  # samples per rank and step: the global batch is RANKS * PER_RANK
 BP = 4
 KILL_AFTER = 3  # rank 1 kills its worker once this many steps are done
 RAISE_KILL_AFTER = 2
+# The rho each rank applies: the default rule at b_p of the rank's own batch (rho is "rho at
+# the full batch", and a rank's full batch is its shard).
+RANK_RHO = DEFAULT_RHO_RULE.rho_for(RHO, BP, PER_RANK)
 
 
 # ----------------------------------------------------------------------------- the core rule
@@ -219,8 +223,9 @@ class ScriptedAgreement:
 def _lockstep_sam(model, perturber, agreement):
     from asam_tune.runtime import AsyncSAM
 
-    sam = AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturbation_batch_size=BP, perturber=perturber)
-    sam._agreement, sam._agreeing = agreement, True  # what a process group of several ranks sets up
+    sam = AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturbation_batch_size=BP, rho_rule="none",
+                   perturber=perturber)
+    sam._worker.agreement = agreement  # what a process group of several ranks sets up
     return sam
 
 
@@ -230,7 +235,7 @@ def test_another_ranks_failure_switches_this_rank_in_the_agreed_step():
     agreement = ScriptedAgreement(other_rank_fails_at_call=4)  # the agreement of step 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _lockstep_sam(model, ScriptedPerturber(model), agreement) as sam:
+        with _lockstep_sam(model, ScriptedPerturber(), agreement) as sam:
             for x, y in sam.lookahead(data):
                 sam.step(x, y)
             stats = sam.stats()
@@ -249,7 +254,7 @@ def test_a_failure_after_the_last_agreement_is_reported_when_closing():
     agreement = ScriptedAgreement()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _lockstep_sam(model, ScriptedPerturber(model, fail_on_collect=1), agreement) as sam:
+        with _lockstep_sam(model, ScriptedPerturber(fail_on_collect=1), agreement) as sam:
             for x, y in sam.lookahead(data):
                 sam.step(x, y)  # bridged in-process: the step still gets its perturbation
             assert sam.stats().staleness_histogram == {0: 1} and caught == []
@@ -273,42 +278,44 @@ def _global_batches():
 class FailingSubmit(ScriptedPerturber):
     """A scripted worker whose ``n``-th submit finds it dead (a hand-over to a killed worker)."""
 
-    def __init__(self, model, *, fail_on_submit):
-        super().__init__(model)
+    def __init__(self, *, fail_on_submit):
+        super().__init__()
         self.submits, self.fail_on_submit = 0, fail_on_submit
 
-    def submit(self, step, weights, x, y):
+    def submit(self, job):
         self.submits += 1
         if self.submits == self.fail_on_submit:
             raise WorkerError("perturbation worker died", pid=4242, signal=9)
-        super().submit(step, weights, x, y)
+        super().submit(job)
 
 
-def _scripted(model, rank: int, script):
+def _scripted(rank: int, script):
     """Rank 1's worker fails as scripted (("submit" | "collect", n)); rank 0's never does."""
     if rank != 1:
-        return ScriptedPerturber(model)
+        return ScriptedPerturber()
     kind, n = script
-    return FailingSubmit(model, fail_on_submit=n) if kind == "submit" else ScriptedPerturber(model, fail_on_collect=n)
+    return FailingSubmit(fail_on_submit=n) if kind == "submit" else ScriptedPerturber(fail_on_collect=n)
 
 
 def _train_rank(rank: int, *, staleness=1, kill_after=None, on_failure="fallback", script=None) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    from asam_tune.runtime import AsyncSAM, affinity
+    from asam_tune import affinity
+    from asam_tune.runtime import AsyncSAM
 
     model = DistributedDataParallel(bn_convnet())
     shard = [(x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK])
              for x, y in _global_batches()]
     worker = {"perturbation_device": "cpu", "threads": 1} if script is None \
-        else {"perturber": _scripted(model.module, rank, script)}
+        else {"perturber": _scripted(rank, script)}
     out: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturbation_batch_size=BP, staleness=staleness,
                       on_worker_failure=on_failure, worker_timeout_s=30.0, **worker) as sam:
+            agreement = sam.failure_agreement  # None once a switch leaves nothing to agree on
             if script is None:
-                info = sam._perturber.worker_info()
+                info = sam._worker.perturber.worker_info()
                 out.update(worker_pid=sam.worker_pid, worker_launcher_variables=info["launcher_variables"],
                            worker_affinity=info["affinity"], main_threads=torch.get_num_threads(),
                            rank_launcher_variables=affinity.launcher_variables(os.environ),
@@ -322,7 +329,8 @@ def _train_rank(rank: int, *, staleness=1, kill_after=None, on_failure="fallback
                 out.update(raised_in_step=sam.step_count, error=str(exc))
             stats = sam.stats()
             out.update(steps=stats.steps, histogram=stats.staleness_histogram, fallbacks=stats.fallbacks,
-                       agreements=sam.failure_agreement.calls)
+                       rho_applied=stats.rho_applied,
+                       agreements=agreement.calls, agreement_after=sam.failure_agreement is not None)
     out["failure_warnings"] = [str(w.message) for w in caught if "failed" in str(w.message)]
     out["params"] = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     return out
@@ -385,7 +393,7 @@ def reference_ddp(data, lag, rank_local=True):
         mean = [torch.zeros_like(p) for p in params]
         for xs, ys in zip(x.chunk(RANKS), y.chunk(RANKS)):
             xa, ya = (xs, ys) if rank_local else (x, y)
-            e = ascent(model, history[t - lag[t]], xa[:BP], ya[:BP], RHO)
+            e = ascent(model, history[t - lag[t]], xa[:BP], ya[:BP], RANK_RHO)
             with torch.no_grad():
                 for p, c, ei in zip(params, current, e):
                     p.copy_(c + ei)
@@ -425,6 +433,7 @@ def test_ranks_end_equal_and_match_the_single_process_reference(ranks, staleness
     assert _max_diff(ranks[0][name]["params"], reference_ddp(_global_batches(), lag, rank_local=False)) > 1e-6
     for r in ranks:
         assert r[name]["steps"] == STEPS and r[name]["fallbacks"] == 0 and r[name]["agreements"] == STEPS
+        assert r[name]["agreement_after"] and r[name]["rho_applied"] == RANK_RHO > RHO
         assert r[name]["failure_warnings"] == []
 
 
@@ -456,6 +465,8 @@ def test_a_killed_worker_on_rank_1_switches_both_ranks_in_the_same_step(ranks):
     switch = runs[0]["histogram"][1] + 1
     assert switch in (KILL_AFTER, KILL_AFTER + 1)
     assert _ranks_equal(ranks, "killed")
+    # One agreement per step up to the one that switched; none after it.
+    assert all(run["agreements"] == switch + 1 and not run["agreement_after"] for run in runs)
     lag = [0] + [1] * (switch - 1) + [0] * (STEPS - switch)
     assert _max_diff(runs[0]["params"], reference_ddp(_global_batches(), lag)) <= 1e-10
     assert len(runs[0]["failure_warnings"]) == 1 and "rank 1" in runs[0]["failure_warnings"][0]

@@ -16,14 +16,15 @@ import pytest
 from asam_tune import api
 from asam_tune.records import Plan, dump_record, load_record
 from asam_tune.records.tuning import Tuning
-from asam_tune.tune.cli import add_tune_parser, run_tune
+from asam_tune.cli.tune import add_arguments as add_tune_arguments
+from asam_tune.cli.tune import run as run_tune
 
 pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def _tune(plan_path, output, trials: int, confirm_rounds: int) -> int:
     parser = argparse.ArgumentParser()
-    add_tune_parser(parser.add_subparsers(dest="command"))
+    add_tune_arguments(parser.add_subparsers(dest="command").add_parser("tune"))
     args = parser.parse_args(["tune", "--plan", str(plan_path), "--trials", str(trials), "--steps-per-trial", "4",
                               "--warmup-steps", "1", "--output", str(output), "--allow-other-machine",
                               "--min-trial-seconds", "0", "--confirm-rounds", str(confirm_rounds),
@@ -65,6 +66,11 @@ def _check_confirmation(record: Tuning) -> None:
         trial, (window,) = record.trial(log.trial), log.rounds
         assert window.steps == 4 and log.steps == 8
         assert log.step_time_s == pytest.approx((trial.step_time_s + window.step_time_s) / 2)
+    # Which of the three outcomes comes out depends on the measured times (a busy machine can make
+    # every finalist late once pooled); each is a documented verdict.
+    if "not confirmed (no finalist hid the perturbation once pooled)" in record.verdict:
+        assert "the study's choice stands" in record.verdict
+        return
     assert ("confirmation kept the study's choice" in record.verdict
             or "confirmation changed the choice from trial" in record.verdict)
     assert record.confirmed(record.chosen_trial) is not None

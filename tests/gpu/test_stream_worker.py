@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from asam_tune.errors import UserInputError, WorkerError
-from asam_tune.runtime.perturbation import trainable_parameters
-from asam_tune.runtime.perturber import InProcessPerturber
-from asam_tune.runtime.stream_worker import StreamPerturber
+from asam_tune.perturbers.ascent import parameters_at, perturbed_indices
+from asam_tune.perturbers.base import AscentJob, AscentTask
+from asam_tune.perturbers.batches import OutputTargetLoss
+from asam_tune.perturbers.in_process import InProcessPerturber
+from asam_tune.perturbers.stream import StreamPerturber
 
 RHO = 0.05
 SLEEP, HANG, RAISE, NAN = 1000.0, 2000.0, 3000.0, 4000.0
@@ -47,7 +49,15 @@ def scripted_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def make_model(device: str) -> nn.Module:
     torch.manual_seed(0)
-    return BNNet().double().to(device).eval()  # the replica must compute in train mode regardless
+    return BNNet().double().to(device)  # train mode: BatchNorm on batch statistics; the replica follows
+
+
+def task_of(model: nn.Module) -> AscentTask:
+    return AscentTask(model, perturbed_indices(model, model.parameters()), OutputTargetLoss(scripted_loss))
+
+
+def job(step: int, weights, data, *, rho: float = RHO) -> AscentJob:
+    return AscentJob(step=step, weights=weights, batch=data, rho=rho, seed=step)
 
 
 def batch(rows: int, device: str, *, command: float | None = None):
@@ -62,7 +72,7 @@ def batch(rows: int, device: str, *, command: float | None = None):
 def moved_weights(model: nn.Module, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [p.detach() + 0.1 * torch.randn(p.shape, dtype=p.dtype, generator=g).to(p.device)
-            for p in trainable_parameters(model)]
+            for p in parameters_at(model, perturbed_indices(model, model.parameters()))]
 
 
 def max_diff(a, b) -> float:
@@ -76,7 +86,7 @@ def max_diff(a, b) -> float:
 @pytest.fixture
 def stream_worker():
     model = make_model("cuda:0")
-    p = StreamPerturber(model, scripted_loss, RHO, device="cuda:0", secondary_stream=True, timeout_s=30)
+    p = StreamPerturber(task_of(model), device="cuda:0", secondary_stream=True, timeout_s=30)
     yield model, p
     p.close()
 
@@ -85,13 +95,13 @@ def stream_worker():
 def test_secondary_stream_matches_in_process_perturber(stream_worker):
     model, worker = stream_worker
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = InProcessPerturber(model, scripted_loss, RHO)
+    reference = InProcessPerturber(worker.task)
     for step, (rows, where) in enumerate(((16, "cuda:0"), (8, "cpu"), (24, "cuda:0"))):
         weights = moved_weights(model, step)
         x, y = batch(rows, where)
-        worker.submit(step, weights, x, y)
+        worker.submit(job(step, weights, (x, y)))
         got = worker.collect(timeout=30)
-        reference.submit(step, weights, x.to("cuda:0"), y.to("cuda:0"))
+        reference.submit(job(step, weights, (x.to("cuda:0"), y.to("cuda:0"))))
         want = reference.collect(0)
         assert got.step == step
         assert all(t.device == torch.device("cuda:0") and t.dtype == torch.float64 for t in got.perturbation)
@@ -101,36 +111,60 @@ def test_secondary_stream_matches_in_process_perturber(stream_worker):
 
 
 @pytest.mark.gpu
+def test_the_stream_replica_follows_the_main_models_modes_and_buffers(stream_worker):
+    """A job in train mode moves the replica's BatchNorm statistics, a forward of the main model
+    moves the main model's; with the BatchNorm then in eval mode the worker must read the main
+    model's statistics, as the in-process reference does on the main model itself."""
+    model, worker = stream_worker
+    reference = InProcessPerturber(worker.task)
+    weights, data = moved_weights(model, 10), batch(8, "cuda:0")
+    worker.submit(job(10, weights, data))
+    worker.collect(timeout=30)
+    with torch.no_grad():
+        model(batch(16, "cuda:0")[0] * 3.0 + 1.0)
+    model.net[1].eval()
+    for step in (11, 12):
+        worker.submit(job(step, weights, data))
+        got = [t.clone() for t in worker.collect(timeout=30).perturbation]
+        reference.submit(job(step, weights, data))
+        assert max_diff(got, reference.collect().perturbation) <= 1e-10
+    model.train()
+    worker.submit(job(13, weights, data))
+    got = [t.clone() for t in worker.collect(timeout=30).perturbation]
+    reference.submit(job(13, weights, data))
+    assert max_diff(got, reference.collect().perturbation) <= 1e-10
+
+
+@pytest.mark.gpu
 def test_stream_job_runs_concurrently_and_reports_errors(stream_worker):
     model, worker = stream_worker
-    x, y = batch(8, "cuda:0", command=SLEEP)
-    worker.submit(1, moved_weights(model, 1), x, y)
+    worker.submit(job(1, moved_weights(model, 1), batch(8, "cuda:0", command=SLEEP)))
     assert not worker.ready()
     end = time.monotonic() + 30
     while not worker.ready() and time.monotonic() < end:
         time.sleep(0.01)
     assert worker.collect(timeout=0).perturbation is not None
 
-    worker.submit(2, moved_weights(model, 2), *batch(8, "cuda:0", command=RAISE))
+    worker.submit(job(2, moved_weights(model, 2), batch(8, "cuda:0", command=RAISE)))
     with pytest.raises(WorkerError, match="ValueError: scripted failure 3000") as info:
         worker.collect(timeout=30)
     assert "scripted_loss" in info.value.remote_traceback
 
-    worker.submit(3, moved_weights(model, 3), *batch(8, "cuda:0", command=NAN))
+    worker.submit(job(3, moved_weights(model, 3), batch(8, "cuda:0", command=NAN)))
     assert worker.collect(timeout=30).perturbation is None
-    worker.submit(4, moved_weights(model, 4), *batch(8, "cuda:0"))
+    worker.submit(job(4, moved_weights(model, 4), batch(8, "cuda:0")))
     assert worker.collect(timeout=30).perturbation is not None
 
 
 @pytest.mark.gpu
 def test_hung_stream_job_times_out():
     model = make_model("cuda:0")
-    worker = StreamPerturber(model, scripted_loss, RHO, device="cuda:0", secondary_stream=True, timeout_s=0.5)
-    worker.submit(0, moved_weights(model, 0), *batch(8, "cuda:0", command=HANG))
+    worker = StreamPerturber(task_of(model), device="cuda:0", secondary_stream=True, timeout_s=0.5)
+    worker.submit(job(0, moved_weights(model, 0), batch(8, "cuda:0", command=HANG)))
     with pytest.raises(WorkerError, match="hung"):
         worker.collect(timeout=30)
     with pytest.raises(WorkerError, match="no longer usable"):
-        worker.submit(1, moved_weights(model, 1), *batch(8, "cuda:0"))
+        worker.submit(job(1, moved_weights(model, 1), batch(8, "cuda:0")))
     worker.close()
 
 
@@ -138,7 +172,7 @@ def test_hung_stream_job_times_out():
 def test_secondary_stream_flag_must_match_the_device():
     model = make_model("cuda:0")
     with pytest.raises(UserInputError, match="secondary_stream=True"):
-        StreamPerturber(model, scripted_loss, RHO, device="cuda:0", secondary_stream=False)
+        StreamPerturber(task_of(model), device="cuda:0", secondary_stream=False)
 
 
 @pytest.mark.gpu
@@ -146,16 +180,16 @@ def test_secondary_stream_flag_must_match_the_device():
 def test_other_gpu_matches_in_process_perturber():
     model = make_model("cuda:0")
     with pytest.raises(UserInputError, match="model's own"):
-        StreamPerturber(model, scripted_loss, RHO, device="cuda:1", secondary_stream=True)
-    worker = StreamPerturber(model, scripted_loss, RHO, device="cuda:1", secondary_stream=False)
-    reference = InProcessPerturber(model, scripted_loss, RHO)
+        StreamPerturber(task_of(model), device="cuda:1", secondary_stream=True)
+    worker = StreamPerturber(task_of(model), device="cuda:1", secondary_stream=False)
+    reference = InProcessPerturber(task_of(model))
     try:
         for step, rows in enumerate((16, 8)):
             weights = moved_weights(model, step)
-            x, y = batch(rows, "cuda:0")
-            worker.submit(step, weights, x, y)
+            data = batch(rows, "cuda:0")
+            worker.submit(job(step, weights, data))
             got = worker.collect(timeout=30)
-            reference.submit(step, weights, x, y)
+            reference.submit(job(step, weights, data))
             assert all(t.device == torch.device("cuda:0") for t in got.perturbation)
             assert max_diff(got.perturbation, reference.collect(0).perturbation) <= 1e-10
     finally:
@@ -167,23 +201,23 @@ def test_other_gpu_matches_in_process_perturber():
 @pytest.mark.timeout(90)
 def test_cpu_worker_process_fed_from_gpu_weights():
     """GPU weights go through page-locked shared memory and the result comes back on the GPU."""
-    from asam_tune.runtime.process_worker import ProcessPerturber
+    from asam_tune.perturbers.process_parent import ProcessPerturber
 
     model = make_model("cuda:0")
     cpu_model = make_model("cpu")
-    reference = InProcessPerturber(cpu_model, scripted_loss, RHO)
-    with ProcessPerturber(model, scripted_loss, RHO) as worker:
+    reference = InProcessPerturber(task_of(cpu_model))
+    with ProcessPerturber(task_of(model)) as worker:
         previous = None
         for step, rows in enumerate((16, 24, 32)):
             weights = moved_weights(model, step)
             x, y = batch(rows, "cuda:0")
-            worker.submit(step, weights, x, y)
+            worker.submit(job(step, weights, (x, y)))
             if previous is not None:
                 # The last result is applied during the main step, while this job runs: the
                 # worker must not have rewritten the shared buffer under its copy to the GPU.
                 assert max_diff(*previous) <= 1e-12
             got = worker.collect(timeout=60)
-            reference.submit(step, [w.cpu() for w in weights], x.cpu(), y.cpu())
+            reference.submit(job(step, [w.cpu() for w in weights], (x.cpu(), y.cpu())))
             expected = reference.collect(0).perturbation
             assert all(t.device == torch.device("cuda:0") for t in got.perturbation)
             assert max_diff(got.perturbation, expected) <= 1e-12

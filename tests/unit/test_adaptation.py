@@ -182,3 +182,14 @@ def test_trajectory_uses_the_runtimes_step_numbers_when_given():
     for step, observation in enumerate([LATE] * 3, start=100):
         adapter.observe(**observation, step=step)
     assert adapter.trajectory == [(0, 32), (101, 14)]
+
+
+def test_the_quality_floor_stops_shrinking_and_survives_a_checkpoint():
+    adapter = BatchSizeAdapter(40, 100, AdaptationSettings(window=4, cooldown=1), floor=25)
+    for step in range(40):  # always late: the main step waits 5 of every 10
+        adapter.observe(step_time_s=10.0, waited_s=5.0, worker_idle_s=0.0, step=step)
+    assert adapter.batch_size == 25 and min(b for _, b in adapter.trajectory) == 25
+    copy = BatchSizeAdapter(1, 1)
+    copy.load_state_dict(adapter.state_dict())
+    assert copy.floor == 25
+    assert BatchSizeAdapter(10, 100, floor=25).batch_size == 25  # a start below the floor is raised to it

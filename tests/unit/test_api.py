@@ -60,8 +60,8 @@ def test_a_profile_is_not_a_plan(profile_path):
 
 
 def test_resources_of_a_gpu_plan_with_a_cpu_worker():
-    plan = api.plan_for(gpu_with_cpu(), 100, reserved_cores=2)
-    # 8 cores - 1 main - 2 reserved = 5: cpu/4t, b_p 17.
+    plan = api.plan_for(gpu_with_cpu(), 100, reserved_cores=2, min_perturbation_fraction=None)
+    # 8 cores - 1 main - 2 reserved = 5: cpu/4t, b_p 17 (no quality floor).
     assert (plan.perturbation.key, plan.perturbation_batch_size) == ("cpu/4t", 17)
     # 512 MiB process + 4 copies of 4 MB parameters + 17 samples * 40 floats * 4 B * 256.
     memory = 512 * MIB + 4 * 4_000_000 + 17 * 160 * 256

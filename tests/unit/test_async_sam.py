@@ -19,8 +19,12 @@ from torch.func import functional_call
 from asam_tune.errors import FingerprintMismatchError, UserInputError, WorkerError
 from asam_tune.records import CpuInfo, Fingerprint
 from asam_tune.runtime import AsyncSAM
-from asam_tune.runtime.async_sam import _replicated_module, _settings_from_plan
-from asam_tune.runtime.perturber import InProcessPerturber
+from asam_tune.perturbers.ascent import parameters_at
+from asam_tune.perturbers.base import AscentJob, AscentTask
+from asam_tune.perturbers.in_process import InProcessPerturber
+from asam_tune.records.rho_rule import DEFAULT_RHO_RULE, NO_RHO_RULE, RhoRule
+from asam_tune.runtime.options import settings_from_plan
+from asam_tune.runtime.workers import replicated_module
 
 RHO = 0.1
 LR = 0.05
@@ -129,14 +133,20 @@ def run_async(model, data, *, staleness, bp=None, rho=RHO, optimizer=None, **kwa
 
 
 class ScriptedPerturber:
-    """InProcessPerturber plus a script: record jobs, fail a collect, withhold readiness."""
+    """InProcessPerturber plus a script: record jobs, fail a collect, withhold readiness.
 
-    def __init__(self, model, rho=RHO, *, fail_on_collect=None, nonfinite=False, ready_every=1,
-                 reuse_buffers=False):
-        self.inner = InProcessPerturber(model, F.cross_entropy, rho)
-        # Like ProcessPerturber: results are views of buffers overwritten by the next collect.
-        self.buffers = [torch.empty_like(p) for p in model.parameters()] if reuse_buffers else None
+    The object is the factory AsyncSAM takes (``perturber=fake``): called with the run's
+    ``AscentTask`` it builds its inner in-process perturber and returns itself, so the test
+    keeps a handle on the jobs it saw.
+    """
+
+    def __init__(self, *, fail_on_collect=None, nonfinite=False, ready_every=1, reuse_buffers=False):
+        self.inner: InProcessPerturber | None = None
+        self.task: AscentTask | None = None
+        self.reuse_buffers = reuse_buffers
+        self.buffers = None
         self.jobs: list[tuple[int, torch.Tensor]] = []
+        self.rhos: list[float] = []
         self.collects = 0
         self.polls = 0
         self.closed = False
@@ -144,10 +154,20 @@ class ScriptedPerturber:
         self.nonfinite = nonfinite
         self.ready_every = ready_every
 
-    def submit(self, step, weights, x, y):
-        self.jobs.append((step, x.clone()))
+    def __call__(self, task: AscentTask) -> ScriptedPerturber:
+        self.task = task
+        self.inner = InProcessPerturber(task)
+        if self.reuse_buffers:
+            # Like ProcessPerturber: results are views of buffers overwritten by the next collect.
+            self.buffers = [torch.empty_like(p) for p in parameters_at(task.model, task.perturbed)]
+        return self
+
+    def submit(self, job: AscentJob):
+        x, _ = job.batch
+        self.jobs.append((job.step, x.clone()))
+        self.rhos.append(job.rho)
         self.polls = 0
-        self.inner.submit(step, weights, x, y)
+        self.inner.submit(job)
 
     def ready(self):
         self.polls += 1
@@ -191,7 +211,8 @@ def test_staleness1_equals_serial_one_step_stale_reference(name):
     factory, shape = MODELS[name]
     data = batches(shape)
     model, reference, synchronous = factory(), factory(), factory()
-    stats = run_async(model, data, staleness=1, bp=4)
+    # rho fixed: the reference applies RHO at b_p = 4 of 8 (the default rule would scale it).
+    stats = run_async(model, data, staleness=1, bp=4, rho_rule="none")
     reference_sam(reference, sgd(reference), data, RHO, 4, lag=[0] + [1] * (STEPS - 1))
     assert max_diff(model, reference) <= 1e-12
     assert stats.staleness_histogram == {0: 1, 1: STEPS - 1}
@@ -203,7 +224,7 @@ def test_staleness1_equals_serial_one_step_stale_reference(name):
 def test_worker_gets_w_t_and_the_first_bp_samples_of_the_next_batch():
     data = batches((6,), steps=5)
     model = mlp()
-    fake = ScriptedPerturber(model)
+    fake = ScriptedPerturber()
     run_async(model, data, staleness=1, bp=3, perturber=fake)
     # Step 0 computes e_0 on B_0 synchronously; during step t the worker gets (w_t, S_{t+1});
     # the last batch has no successor, so the last step hands the worker nothing.
@@ -214,14 +235,56 @@ def test_worker_gets_w_t_and_the_first_bp_samples_of_the_next_batch():
     assert fake.closed
 
 
+@pytest.mark.parametrize("rho_rule, bp", [(None, 3), ("default", 2), (None, BATCH), ("none", 3),
+                                          (RhoRule(kind="power", exponent=0.5, max_factor=4.0), 2)],
+                         ids=["default_bp3", "default_named_bp2", "default_full_batch", "none", "custom"])
+def test_the_rho_rule_sets_the_rho_of_every_job(rho_rule, bp):
+    # rho is "rho at the full batch": by default a job of b_p < B samples gets the rule's larger
+    # rho, every job alike, and stats() reports it.
+    rule = rho_rule if isinstance(rho_rule, RhoRule) else NO_RHO_RULE if rho_rule == "none" else DEFAULT_RHO_RULE
+    expected = rule.rho_for(RHO, bp, BATCH)
+    if rule.kind != "none" and bp < BATCH:
+        assert expected > RHO  # the check has power: the rule changes rho here
+    else:
+        assert expected == RHO
+    data = batches((6,), steps=4)
+    model = mlp()
+    fake = ScriptedPerturber()
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturbation_batch_size=bp, rho_rule=rho_rule,
+                  perturber=fake) as sam:
+        assert sam.stats().rho_applied is None  # no job yet
+        assert sam.rho_at(bp, BATCH) == expected
+        for x, y in sam.lookahead(data):
+            sam.step(x, y)
+        assert sam.stats().rho_applied == expected
+    assert fake.rhos == [expected] * len(data)
+
+
+def test_the_default_rule_gives_the_reference_with_its_rho():
+    # The same run as the fixed-rho comparison, under the default rule: equal to the reference
+    # at the rule's rho, and measurably not the reference at the unscaled rho.
+    data = batches((6,), steps=8)
+    model, reference, unscaled = mlp(), mlp(), mlp()
+    optimizer = sgd(model)
+    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=4) as sam:
+        rho = sam.rho_at(4, BATCH)
+        for x, y in sam.lookahead(data):
+            sam.step(x, y)
+        assert sam.stats().rho_applied == rho == DEFAULT_RHO_RULE.rho_for(RHO, 4, BATCH)
+    reference_sam(reference, sgd(reference), data, rho, 4, lag=[0] + [1] * 7)
+    assert max_diff(model, reference) <= 1e-12
+    reference_sam(unscaled, sgd(unscaled), data, RHO, 4, lag=[0] + [1] * 7)
+    assert max_diff(model, unscaled) > 1e-6
+
+
 def test_prefetch_before_perturbed_with_a_worker_that_reuses_its_buffers():
     # Step 0 then holds e_1 while e_0 is collected into the same worker buffers: AsyncSAM must
     # have copied e_1 first. Standalone prefetch() before perturbed() is the other explicit form.
     data = batches((6,))
     model, reference = mlp(), mlp()
     optimizer = sgd(model)
-    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=4,
-                  perturber=ScriptedPerturber(model, reuse_buffers=True)) as sam:
+    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=4, rho_rule="none",
+                  perturber=ScriptedPerturber(reuse_buffers=True)) as sam:
         for t, (x, y) in enumerate(data):
             if t + 1 < len(data):
                 sam.prefetch(*data[t + 1])
@@ -237,7 +300,7 @@ def test_prefetch_before_perturbed_with_a_worker_that_reuses_its_buffers():
 def test_a_new_epoch_starts_with_a_synchronous_step():
     data = batches((6,), steps=3)
     model = mlp()
-    fake = ScriptedPerturber(model)
+    fake = ScriptedPerturber()
     with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturber=fake) as sam:
         for _ in range(2):
             for x, y in sam.lookahead(data):
@@ -268,7 +331,7 @@ def test_gradient_accumulation_reuses_e_t_and_equals_the_serial_reference():
     data = batches((1, 6, 6))
     model, reference = bn_convnet(), bn_convnet()
     optimizer = sgd(model)
-    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=bp) as sam:
+    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=bp, rho_rule="none") as sam:
         for t, (x, y) in enumerate(data):
             xs, ys = x.chunk(k), y.chunk(k)
             optimizer.zero_grad()
@@ -330,6 +393,66 @@ def test_amp_bfloat16_autocast_on_cpu_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+# ----------------------------------------------------------------------------- the in-process ascent
+
+
+class Uncopyable(nn.Sequential):
+    """A model no replica can be made of: the in-process ascent must not need one."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("this model cannot be copied")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("this model cannot be pickled")
+
+
+def _task(model: nn.Module) -> AscentTask:
+    from asam_tune.perturbers.ascent import perturbed_indices
+    from asam_tune.perturbers.batches import OutputTargetLoss
+
+    return AscentTask(model, perturbed_indices(model, model.parameters()), OutputTargetLoss(F.cross_entropy))
+
+
+def test_in_process_ascent_runs_on_the_main_model_itself():
+    torch.manual_seed(0)
+    model = Uncopyable(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    data = batches((6,), steps=3)
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, staleness=0) as sam:
+        for x, y in sam.lookahead(data):
+            sam.step(x, y)
+        assert sam.stats().staleness_histogram == {0: 3} and sam.stats().fallbacks == 0
+    # Other weights than the model's are swapped in for the job and out again.
+    x, y = data[0]
+    params = list(model.parameters())
+    clean = [p.detach().clone() for p in params]
+    other = [p.detach() + 0.5 for p in params]
+    perturber = InProcessPerturber(_task(model))
+    perturber.submit(AscentJob(step=7, weights=other, batch=(x, y), rho=RHO, seed=0))
+    assert perturber.ready()
+    result = perturber.collect()
+    assert result.step == 7 and not perturber.ready()
+    expected = ascent(model, other, x, y, RHO)
+    assert all((e - r).abs().max().item() <= 1e-12 for e, r in zip(expected, result.perturbation))
+    assert all(torch.equal(p, c) for p, c in zip(params, clean))
+    assert all(p.grad is None for p in params)  # .grad fields untouched
+
+
+def test_in_process_ascent_puts_the_models_buffers_back():
+    # The ascent's forward in train mode moves BatchNorm's running statistics; the main model's
+    # statistics must move once per step (in the descent), so the ascent's writes are undone.
+    model = bn_convnet()
+    x, y = batches((1, 6, 6), steps=1)[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    perturber = InProcessPerturber(_task(model))
+    perturber.submit(AscentJob(step=0, weights=[p.detach() for p in model.parameters()], batch=(x, y), rho=RHO,
+                               seed=0))
+    result = perturber.collect()
+    assert model.training and result.perturbation is not None
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+
+
 # ----------------------------------------------------------------------------- perturb and restore
 
 
@@ -359,7 +482,7 @@ def test_a_step_retried_after_an_exception_equals_the_reference():
     data = batches((6,), steps=4)
     model, reference = mlp(), mlp()
     optimizer = sgd(model)
-    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=4) as sam:
+    with AsyncSAM(model, optimizer, F.cross_entropy, rho=RHO, perturbation_batch_size=4, rho_rule="none") as sam:
         for t, (x, y) in enumerate(data):
             following = data[t + 1] if t + 1 < len(data) else None
             attempts = 2 if t == 1 else 1
@@ -408,7 +531,7 @@ def test_missing_finish_step_is_caught():
 def test_nonfinite_perturbation_is_skipped_and_counted():
     data = batches((6,), steps=6)
     model, reference = mlp(), mlp()
-    stats = run_async(model, data, staleness=1, perturber=ScriptedPerturber(model, nonfinite=True))
+    stats = run_async(model, data, staleness=1, perturber=ScriptedPerturber(nonfinite=True))
     optimizer = sgd(reference)
     for x, y in data:  # every perturbation skipped: plain SGD, bit for bit
         optimizer.zero_grad()
@@ -424,10 +547,10 @@ def test_nonfinite_perturbation_is_skipped_and_counted():
 def test_worker_failure_falls_back_once_and_continues_as_synchronous_sam():
     data = batches((1, 6, 6))
     model, reference = bn_convnet(), bn_convnet()
-    fake = ScriptedPerturber(model, fail_on_collect=3)  # collects: e_0, e_1, then e_2 fails
+    fake = ScriptedPerturber(fail_on_collect=3)  # collects: e_0, e_1, then e_2 fails
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = run_async(model, data, staleness=1, bp=4, perturber=fake)
+        stats = run_async(model, data, staleness=1, bp=4, rho_rule="none", perturber=fake)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "pid 4242" in messages[0] and "signal 9" in messages[0]
     assert fake.closed and stats.fallbacks == 1
@@ -440,7 +563,7 @@ def test_worker_failure_falls_back_once_and_continues_as_synchronous_sam():
 def test_worker_failure_with_raise_reraises():
     data = batches((6,), steps=5)
     model = mlp()
-    fake = ScriptedPerturber(model, fail_on_collect=2)
+    fake = ScriptedPerturber(fail_on_collect=2)
     with pytest.raises(WorkerError, match="died") as info:
         run_async(model, data, staleness=1, on_worker_failure="raise", perturber=fake)
     assert info.value.pid == 4242
@@ -467,7 +590,7 @@ def test_non_blocking_never_waits_and_reports_the_staleness_used():
             self.last_ready = False
             return super().collect(timeout)
 
-    fake = NeverWaits(model, ready_every=3)  # a job looks finished on every 3rd poll
+    fake = NeverWaits(ready_every=3)  # a job looks finished on every 3rd poll
     stats = run_async(model, data, staleness="non_blocking", bp=4, perturber=fake)
     assert sum(stats.staleness_histogram.values()) == len(data)
     assert max(stats.staleness_histogram) >= 2
@@ -546,6 +669,27 @@ def test_load_state_dict_rejects_another_rho():
             sam.load_state_dict(state)
 
 
+def test_state_is_format_2_with_the_seed_and_format_1_still_loads():
+    data = batches((6,), steps=3)
+    model = mlp()
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, seed=3) as sam:
+        for x, y in sam.lookahead(data):
+            sam.step(x, y)
+        state = sam.state_dict()
+    assert state["format"] == 2 and state["seed"] == 3
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, seed=5) as sam:
+        sam.load_state_dict(state)
+        assert (sam.step_count, sam.seed) == (3, 3)  # the run's seed comes back
+    old = {k: v for k, v in state.items() if k != "seed"}
+    old["format"] = 1
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, seed=5) as sam:
+        sam.load_state_dict(old)
+        assert (sam.step_count, sam.seed) == (3, 5)  # format 1 had no seed: this object's stays
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO) as sam:
+        with pytest.raises(UserInputError, match="format 3"):
+            sam.load_state_dict({**state, "format": 3})
+
+
 # ----------------------------------------------------------------------------- surface
 
 
@@ -575,7 +719,7 @@ def test_step_returns_the_detached_loss_at_the_perturbed_weights():
 
 def test_close_is_idempotent_and_closes_the_worker():
     model = mlp()
-    fake = ScriptedPerturber(model)
+    fake = ScriptedPerturber()
     sam = AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturber=fake)
     sam.close()
     sam.close()
@@ -586,7 +730,7 @@ def test_close_is_idempotent_and_closes_the_worker():
 
 def test_exception_inside_the_with_block_closes_the_worker():
     model = mlp()
-    fake = ScriptedPerturber(model)
+    fake = ScriptedPerturber()
     with pytest.raises(RuntimeError, match="boom"):
         with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturber=fake):
             raise RuntimeError("boom")
@@ -610,6 +754,11 @@ def test_exception_inside_the_with_block_closes_the_worker():
     ({"threads": 2}, "threads=2"),  # threads without a CPU worker
     ({"perturbation_device": "cpu", "cores": [0, 0]}, "(0, 0)"),
     ({"allow_other_machine": "yes"}, "yes"),
+    ({"rho_rule": "sometimes"}, "sometimes"),
+    ({"seed": 1.5}, "1.5"),
+    ({"adaptive": "yes"}, "yes"),
+    ({"perturber": "fake"}, "fake"),
+    ({"worker_start_timeout_s": -1}, "-1"),
 ])
 def test_invalid_arguments_are_one_line_errors_with_the_value(kwargs, bad):
     model = mlp()
@@ -626,17 +775,40 @@ def test_invalid_model_optimizer_and_loss():
         AsyncSAM("model", sgd(model), F.cross_entropy)
     with pytest.raises(UserInputError, match="callable"):
         AsyncSAM(model, sgd(model), "cross_entropy")
+    with pytest.raises(UserInputError, match="exactly one of loss_fn"):
+        AsyncSAM(model, sgd(model), F.cross_entropy, compute_loss=lambda m, b: m(b).sum())
+    with pytest.raises(UserInputError, match="exactly one of loss_fn"):
+        AsyncSAM(model, sgd(model))
     frozen = mlp().requires_grad_(False)
     with pytest.raises(UserInputError, match="no trainable"):
         AsyncSAM(frozen, torch.optim.SGD(mlp().parameters(), lr=LR), F.cross_entropy)
 
 
-def test_lookahead_rejects_batches_that_are_not_pairs():
+def test_loss_fn_rejects_batches_that_are_not_pairs_and_compute_loss_takes_them():
+    # lookahead() yields any batch unchanged; loss_fn(model(x), y) needs (x, y) pairs and says so
+    # at the first step, before any weight moved. compute_loss(model, batch) takes the same batches.
+    model = mlp()
+    clean = [p.detach().clone() for p in model.parameters()]
+    loader = [torch.zeros(2, 6, dtype=torch.float64), torch.ones(2, 6, dtype=torch.float64)]
+    with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO) as sam:
+        with pytest.raises(UserInputError, match="inputs, targets") as info:
+            for batch in sam.lookahead(loader):
+                sam.step(batch)
+        assert "Tensor" in str(info.value)  # names what it got
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+    with AsyncSAM(model, sgd(model), compute_loss=lambda m, x: m(x).square().mean(), rho=RHO) as sam:
+        for batch in sam.lookahead(loader):
+            sam.step(batch)
+        assert sam.stats().steps == 2
+    assert any(not torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+
+
+def test_the_not_a_pair_error_is_one_line():
     model = mlp()
     with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO) as sam:
-        with pytest.raises(UserInputError, match="inputs, targets"):
-            for _ in sam.lookahead([torch.zeros(2, 6), torch.zeros(2, 6)]):
-                pass
+        with pytest.raises(UserInputError) as info:
+            sam.step(torch.zeros(2, 6, dtype=torch.float64))
+    assert "\n" not in str(info.value)
 
 
 def _fake_plan(mode="staleness1", device="cpu", fingerprint=None):
@@ -645,10 +817,10 @@ def _fake_plan(mode="staleness1", device="cpu", fingerprint=None):
 
 
 def test_plan_settings_and_explicit_arguments_override_them():
-    settings = _settings_from_plan(_fake_plan())
+    settings = settings_from_plan(_fake_plan())
     assert (settings.device, settings.threads, settings.cores, settings.batch_size, settings.staleness) \
         == ("cpu", 2, (0, 1), 4, 1)
-    assert _settings_from_plan(_fake_plan(mode="synchronous")).device is None  # in-process
+    assert settings_from_plan(_fake_plan(mode="synchronous")).device is None  # in-process
     model = mlp()
     with AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, plan=_fake_plan(mode="synchronous")) as sam:
         assert (sam.staleness, sam.perturbation_batch_size) == (0, 4)
@@ -656,7 +828,7 @@ def test_plan_settings_and_explicit_arguments_override_them():
                   staleness="non_blocking", perturbation_batch_size=2) as sam:
         assert (sam.staleness, sam.perturbation_batch_size) == ("non_blocking", 2)
     with pytest.raises(UserInputError, match="often"):
-        _settings_from_plan(_fake_plan(mode="often"))
+        settings_from_plan(_fake_plan(mode="often"))
 
 
 def test_plan_file_is_read_and_checked_against_this_machine():
@@ -666,7 +838,7 @@ def test_plan_file_is_read_and_checked_against_this_machine():
     from asam_tune.records.plan import Plan
 
     path = Path(__file__).parent.parent / "fixtures" / "plan_v1.json"  # made on "Test CPU"
-    settings = _settings_from_plan(load_record(Plan, path))
+    settings = settings_from_plan(load_record(Plan, path))
     assert (settings.device, settings.threads, settings.cores, settings.batch_size, settings.staleness) \
         == ("cpu", 4, (1, 2, 3, 4), 15, 1)
     model = mlp()
@@ -700,11 +872,11 @@ def test_ddp_wrapped_model_single_rank_equals_the_reference(tmp_path):
             return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
         model.register_comm_hook(None, counting_hook)
-        run_async(model, data, staleness=1, bp=4, optimizer=sgd(model))
+        run_async(model, data, staleness=1, bp=4, rho_rule="none", optimizer=sgd(model))
         reference_sam(reference, sgd(reference), data, RHO, 4, lag=[0] + [1] * 5)
         assert max_diff(inner, reference) <= 1e-12
         assert len(all_reduces) == len(data)  # the descent's only: the ascent joins no collective
-        assert _replicated_module(model) is inner  # what the worker copies (a DDP cannot be sent)
+        assert replicated_module(model) is inner  # what the worker copies (a DDP cannot be sent)
     finally:
         dist.destroy_process_group()
 
@@ -718,7 +890,7 @@ def test_stream_worker_staleness1_equals_the_serial_reference(worker):
     data = [(x.to(main), y.to(main)) for x, y in batches((1, 6, 6), steps=10)]
     model, reference = bn_convnet().to(main), bn_convnet().to(main)
     device = "cuda:0" if worker == "secondary_stream" else "cuda:1"
-    stats = run_async(model, data, staleness=1, bp=4, perturbation_device=device)
+    stats = run_async(model, data, staleness=1, bp=4, rho_rule="none", perturbation_device=device)
     torch.cuda.synchronize()
     reference_sam(reference, sgd(reference), data, RHO, 4, lag=[0] + [1] * 9)
     assert max_diff(model, reference) <= 1e-10

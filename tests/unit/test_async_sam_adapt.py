@@ -7,6 +7,7 @@ are multiples of 1/4 so that every difference is exact in floating point.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from types import SimpleNamespace
@@ -14,12 +15,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from asam_tune.errors import UserInputError
 from asam_tune.runtime import AsyncSAM
 from asam_tune.runtime.adaptation import AdaptationSettings
-from asam_tune.runtime.perturber import InProcessPerturber
+from asam_tune.perturbers.base import AscentJob, AscentTask
+from asam_tune.perturbers.batches import OutputTargetLoss
+from asam_tune.perturbers.in_process import InProcessPerturber
+from asam_tune.records.rho_rule import DEFAULT_RHO_RULE
+from asam_tune.runtime.options import settings_from_plan
 from tests.unit.test_async_sam import RHO, batches, bitwise_equal, mlp, one_thread, sgd  # noqa: F401
 
 # As in test_adaptation.py: a window of 4 steps, shrink on 2 late ones, 2 steps of cool-down.
@@ -38,18 +42,29 @@ class SimClock:
 
 
 class SimulatedWorker:
-    """A Perturber whose jobs take simulated time; records the rows of every job."""
+    """A Perturber whose jobs take simulated time; records the rows and the rho of every job.
 
-    def __init__(self, model: nn.Module, clock: SimClock, worker_s):
-        self.inner = InProcessPerturber(model, F.cross_entropy, RHO)
+    The object is AsyncSAM's perturber factory: called with the run's task it returns itself.
+    Its ascent uses the plain loss, so that only the main step's loss advances the clock.
+    """
+
+    def __init__(self, clock: SimClock, worker_s):
+        self.inner: InProcessPerturber | None = None
         self.clock, self.worker_s = clock, worker_s
         self.rows: list[int] = []
+        self.rhos: list[float] = []
         self.ready_at = self.compute_s = 0.0
 
-    def submit(self, step, weights, x, y):
-        self.rows.append(x.shape[0])
-        self.inner.submit(step, weights, x, y)
-        self.compute_s = self.worker_s(step, x.shape[0])
+    def __call__(self, task: AscentTask) -> SimulatedWorker:
+        self.inner = InProcessPerturber(dataclasses.replace(task, compute_loss=OutputTargetLoss(F.cross_entropy)))
+        return self
+
+    def submit(self, job: AscentJob):
+        rows = job.batch[0].shape[0]
+        self.rows.append(rows)
+        self.rhos.append(job.rho)
+        self.inner.submit(job)
+        self.compute_s = self.worker_s(job.step, rows)
         self.ready_at = self.clock.now + self.compute_s
 
     def ready(self):
@@ -78,7 +93,7 @@ def wrong_plan_then_load(step: int, b: int) -> float:
 
 
 def make_sam(model, clock, worker_s, **kwargs):
-    worker = SimulatedWorker(model, clock, worker_s)
+    worker = SimulatedWorker(clock, worker_s)
     options = {"adapt": SMALL, "clock": clock, "perturber": worker, **kwargs}
     return AsyncSAM(model, sgd(model), timed_loss(clock), rho=RHO, **options), worker
 
@@ -112,6 +127,10 @@ def test_the_exact_b_p_of_every_job_through_a_wrong_plan_and_a_competing_load():
         stats = sam.stats()
     assert worker.rows == EXPECTED_ROWS
     assert stats.perturbation_batch_size_trajectory == EXPECTED_TRAJECTORY
+    # rho follows b_p through the default rule, job by job, also after every change of b_p.
+    assert worker.rhos == [DEFAULT_RHO_RULE.rho_for(RHO, rows, B) for rows in EXPECTED_ROWS]
+    assert len(set(worker.rhos)) == len(set(EXPECTED_ROWS))
+    assert stats.rho_applied == DEFAULT_RHO_RULE.rho_for(RHO, 30, B)
     assert stats.perturbation_batch_size == 30 and stats.staleness_histogram == {0: 1, 1: STEPS - 1}
 
 
@@ -139,7 +158,7 @@ def test_steps_computed_on_the_spot_are_not_fed():
     # 2's first step is synchronous with b_p 33 (9.25 of simulated time, not a wait).
     assert stats.perturbation_batch_size_trajectory == ((0, 64), (2, 33))
     assert worker.rows == [64] + [64] * 3 + [33] * 4 + [33] + [33] * 7
-    assert sam._adapter.steps == 14
+    assert sam._feed.adapter.steps == 14
 
 
 def test_non_blocking_counts_a_result_missing_at_its_step_as_the_wait_it_would_have_cost():
@@ -171,7 +190,7 @@ def _plan(mode="staleness1", batch_size=None):
 
 def test_adaptation_is_off_without_a_plan():
     clock, model = SimClock(), mlp()
-    worker = SimulatedWorker(model, clock, lambda step, b: 1.0 + b / 4.0)  # late at every step
+    worker = SimulatedWorker(clock, lambda step, b: 1.0 + b / 4.0)  # late at every step
     with AsyncSAM(model, sgd(model), timed_loss(clock), rho=RHO, perturber=worker, clock=clock) as sam:
         train(sam, batches((6,), steps=12, batch=B))
         stats = sam.stats()
@@ -184,24 +203,26 @@ def test_adaptation_is_off_without_a_plan():
 ])
 def test_on_by_default_with_a_plan_at_staleness_1_only(mode, staleness, adapting):
     clock, model = SimClock(), mlp()
-    worker = SimulatedWorker(model, clock, lambda step, b: 1.0 + b / 4.0)
+    worker = SimulatedWorker(clock, lambda step, b: 1.0 + b / 4.0)
     with AsyncSAM(model, sgd(model), timed_loss(clock), rho=RHO, plan=_plan(mode, batch_size=B),
                   perturber=worker, clock=clock, staleness=staleness) as sam:
-        assert (sam._adapt_settings is not None) == adapting
+        assert (sam._feed is not None) == adapting
         if adapting:
-            assert sam._adapt_settings == AdaptationSettings()
+            assert sam._feed.settings == AdaptationSettings()
 
 
 def test_the_plan_s_batch_size_bounds_growth_and_an_idle_worker_grows_b_p():
     clock, model = SimClock(), mlp()
-    worker = SimulatedWorker(model, clock, lambda step, b: 1.0)  # always idles 90%
+    worker = SimulatedWorker(clock, lambda step, b: 1.0)  # always idles 90%
     with AsyncSAM(model, sgd(model), timed_loss(clock), rho=RHO, plan=_plan(batch_size=56),
                   perturber=worker, clock=clock, adapt=SMALL) as sam:
-        train(sam, batches((6,), steps=12, batch=B))
+        # The plan's b_p 48 of 56 is rescaled to the batches' 64 (with a warning): 55.
+        with pytest.warns(RuntimeWarning, match="b_p scaled from 48 to 55"):
+            train(sam, batches((6,), steps=12, batch=B))
         stats = sam.stats()
-    # 48 -> min(56, 2 * 48, floor(48 * .9 * 10 / 1)) = 56 after the first full window (steps 1-4).
-    assert stats.perturbation_batch_size_trajectory == ((0, 48), (4, 56))
-    assert worker.rows == [48] * 6 + [56] * 6
+    # 55 -> min(56, 2 * 55, floor(55 * .9 * 10 / 1)) = 56 after the first full window (steps 1-4).
+    assert stats.perturbation_batch_size_trajectory == ((0, 55), (4, 56))
+    assert worker.rows == [55] * 6 + [56] * 6
 
 
 @pytest.mark.parametrize("kwargs, bad", [
@@ -213,7 +234,7 @@ def test_the_plan_s_batch_size_bounds_growth_and_an_idle_worker_grows_b_p():
 ])
 def test_invalid_adaptation_arguments_are_one_line_errors(kwargs, bad):
     model = mlp()
-    worker = SimulatedWorker(model, SimClock(), lambda step, b: 1.0)
+    worker = SimulatedWorker(SimClock(), lambda step, b: 1.0)
     with pytest.raises(UserInputError) as info:
         AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, perturber=worker, **kwargs)
     assert bad in str(info.value) and "\n" not in str(info.value)
@@ -224,7 +245,7 @@ def test_adapt_with_the_in_process_perturbation_is_an_error():
     with pytest.raises(UserInputError, match="in-process"):
         AsyncSAM(model, sgd(model), F.cross_entropy, rho=RHO, adapt=True)
     with AsyncSAM(model, sgd(model), F.cross_entropy, rho=0.0, adapt=True) as sam:  # no worker at all
-        assert sam._adapt_settings is None
+        assert sam._feed is None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -312,8 +333,6 @@ def test_a_plan_file_gives_the_bound():
 
     from asam_tune.records import load_record
     from asam_tune.records.plan import Plan
-    from asam_tune.runtime.async_sam import _settings_from_plan
-
     plan = load_record(Plan, Path(__file__).parent.parent / "fixtures" / "plan_v1.json")
-    settings = _settings_from_plan(plan)
+    settings = settings_from_plan(plan)
     assert settings.training_batch_size == plan.batch_size and settings.batch_size <= plan.batch_size

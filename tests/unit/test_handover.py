@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asam_tune.profiler.handover import time_handovers
-from asam_tune.runtime.perturber import PerturbationResult
+from asam_tune.perturbers.base import AscentJob, PerturbationResult
 from asam_tune.timing import FakeClock, MeasureSettings
 
 SUBMIT_S = 2.0 ** -12
@@ -26,9 +26,10 @@ class FakePerturber:
         self.steps: list[int] = []
         self.polls = 0
 
-    def submit(self, step, weights, x, y) -> None:
+    def submit(self, job: AscentJob) -> None:
+        x, y = job.batch
         assert x.shape[0] == y.shape[0] == 2
-        self.steps.append(step)
+        self.steps.append(job.step)
         self.polls = 0
         self.clock.advance(SUBMIT_S)
 
@@ -37,7 +38,7 @@ class FakePerturber:
         self.clock.advance(WORKER_S / 4)
         return self.polls >= 4
 
-    def collect(self) -> PerturbationResult:
+    def collect(self, timeout: float | None = None) -> PerturbationResult:
         assert self.polls >= 4, "collect() before the result was there"
         self.clock.advance(COLLECT_S)
         return PerturbationResult(self.steps[-1], self.perturbation, WORKER_S)
@@ -51,7 +52,7 @@ def test_a_sample_is_submit_plus_collect_and_never_the_wait():
     clock = FakeClock()
     params = _params()
     perturber = FakePerturber(clock, [torch.full((2, 3), 0.5), torch.full((4,), -1.0)])
-    stats = time_handovers(perturber, params, torch.zeros(2, 5), torch.zeros(2, dtype=torch.long),
+    stats = time_handovers(perturber, params, (torch.zeros(2, 5), torch.zeros(2, dtype=torch.long)),
                            settings=SETTINGS, clock=clock)
     # Each sample is far below min_time_s: max_repeats samples, after the 2 warm-up handovers.
     assert stats.samples_s == (SUBMIT_S + COLLECT_S,) * 7
@@ -64,5 +65,5 @@ def test_a_perturbation_that_is_not_finite_fails_the_measurement():
     clock = FakeClock()
     perturber = FakePerturber(clock, None)
     with pytest.raises(RuntimeError, match="not finite"):
-        time_handovers(perturber, _params(), torch.zeros(2, 5), torch.zeros(2, dtype=torch.long),
+        time_handovers(perturber, _params(), (torch.zeros(2, 5), torch.zeros(2, dtype=torch.long)),
                        settings=SETTINGS, clock=clock)

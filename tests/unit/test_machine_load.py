@@ -138,7 +138,7 @@ def test_warnings_go_through_the_progress_callback_marked_as_warnings():
 
 
 def test_the_cli_prints_a_warning_as_one_line_on_stderr(capsys):
-    from asam_tune.cli.commands import _warnings_only
+    from asam_tune.cli.commands import warnings_only as _warnings_only
 
     message = start_warning((1.8, 1.2, 0.9), 2)
     _warnings_only(ProgressUpdate("cpu/1t: batch 8 ok", 1, 3))

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from asam_tune.costmodel import make_plan
+from asam_tune.costmodel.quality import measured_choice_update
 from asam_tune.errors import RecordError
-from asam_tune.records import dump_record, load_record
+from asam_tune.records import NO_RHO_RULE, dump_record, load_record, parse_record
 from asam_tune.records.plan import Plan, PerturbationDevice
 from tests.fixtures.costmodel_profiles import affine, contention, gpu_with_cpu, profile, transfer
 
@@ -18,7 +19,7 @@ FIXTURE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "plan_v1.json"
 def _plan() -> Plan:
     machine = profile(*gpu_with_cpu().devices, transfers=[transfer("cuda:0", "cpu", 0.002, 0.001)],
                       contention=[contention("cuda:0", "cpu/4t", 1.02)])
-    return make_plan(machine, 100)
+    return make_plan(machine, 100, min_perturbation_fraction=None)  # hides fully: b_p 18
 
 
 def _write(tmp_path: Path, document: dict) -> Path:
@@ -53,7 +54,7 @@ def test_the_version_1_fixture_keeps_loading():
 
 @pytest.mark.parametrize("mutate, path, expected", [
     (lambda d: d.update(extra=1), "$.extra", "extra inputs are not permitted"),
-    (lambda d: d.update(schema_version=2), "$.schema_version", "1"),
+    (lambda d: d.update(schema_version=3), "$.schema_version", "1 or 2"),
     (lambda d: d.update(kind="asam-tune-profile"), "$.kind", "asam-tune-plan"),
     (lambda d: d.update(batch_size=1.5), "$.batch_size", "integer"),
     (lambda d: d.update(batch_size="100"), "$.batch_size", "integer"),
@@ -116,3 +117,74 @@ def test_synchronous_and_non_blocking_plans_round_trip(tmp_path):
 def test_worker_cores():
     assert _plan().worker_cores == 4
     assert make_plan(gpu_with_cpu(cores=1), 100).worker_cores == 0
+
+
+# ----------------------------------------------------------------------------- version 2
+
+def test_the_version_1_fixture_reads_as_no_rule_and_no_floor_and_is_written_back_unchanged(tmp_path):
+    plan = load_record(Plan, FIXTURE_V1)
+    assert plan.rho_rule == NO_RHO_RULE and plan.rho_rule.kind == "none"
+    assert plan.quality is None and plan.hiding is None and plan.trade is None and plan.profile_load is None
+    assert plan.min_perturbation_batch_size == 1
+    dump_record(plan, tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == FIXTURE_V1.read_text()
+    assert plan.content_hash() == load_record(Plan, tmp_path / "again.json").content_hash()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rho_rule", {"kind": "none", "exponent": 0.0, "max_factor": 1.0, "source": ""}),
+    ("hiding", "full"),
+    ("profile_load", {"busy": None, "summary": "not recorded"}),
+])
+def test_a_version_1_document_may_not_carry_version_2_fields(tmp_path, field, value):
+    document = json.loads(FIXTURE_V1.read_text())
+    document[field] = value
+    with pytest.raises(RecordError, match=f"a version-1 plan has no {field}"):
+        load_record(Plan, _write(tmp_path, document))
+
+
+@pytest.mark.parametrize("field", ["quality", "hiding", "profile_load"])
+def test_a_version_2_document_needs_its_fields(tmp_path, field):
+    document = json.loads(_plan().to_json())
+    del document[field]
+    with pytest.raises(RecordError, match=f"a version-2 plan needs {field}"):
+        load_record(Plan, _write(tmp_path, document))
+
+
+def test_partial_and_synchronous_version_2_plans_round_trip(tmp_path):
+    partial = make_plan(gpu_with_cpu(), 100)  # floor 25 > the 17 that hides: partial
+    synchronous = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=1.0)
+    assert (partial.hiding, synchronous.hiding) == ("partial", "none")
+    for plan in (partial, synchronous):
+        dump_record(plan, tmp_path / "p.json")
+        loaded = load_record(Plan, tmp_path / "p.json")
+        assert loaded == plan and loaded.content_hash() == plan.content_hash()
+        assert json.loads((tmp_path / "p.json").read_text())["schema_version"] == 2
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(hiding="partial"), "hiding 'partial' does not match mode 'staleness1' with feasible true"),
+    (lambda d: d.update(hiding="none"), "hiding 'none' does not match"),
+    (lambda d: d["alternatives"][0].update(hiding="stale"), "hiding 'stale' does not match"),
+    (lambda d: d["quality"]["expected_gain"].update(value=None), "a gain bound 'estimate' needs a value"),
+    (lambda d: d["quality"].update(min_perturbation_fraction=0), "greater than 0"),
+    (lambda d: d["rho_rule"].update(max_factor=0.5), "greater than or equal to 1"),
+])
+def test_inconsistent_version_2_fields_are_rejected(tmp_path, mutate, message):
+    document = json.loads(_plan().to_json())
+    mutate(document)
+    with pytest.raises(RecordError, match=message):
+        load_record(Plan, _write(tmp_path, document))
+
+
+def test_a_plan_chosen_by_measurement_gets_its_gain_and_a_note_below_the_floor():
+    plan = make_plan(gpu_with_cpu(), 100)  # floor b_p >= 25
+    update = measured_choice_update(plan, 10, ("tuned",))
+    assert update["hiding"] == "full" and update["trade"] is None
+    assert update["quality"].expected_gain.perturbation_fraction == 0.1
+    assert update["quality"].min_perturbation_batch_size == 25
+    assert update["notes"][0] == "tuned" and "below the quality floor" in update["notes"][1]
+    tuned = parse_record(Plan, json.loads(plan.model_copy(update=dict(
+        perturbation_batch_size=10, feasible=True, **update)).to_json()))
+    assert tuned.hiding == "full"
+    assert measured_choice_update(load_record(Plan, FIXTURE_V1), 10, ("tuned",)) == {"notes": ("tuned",)}

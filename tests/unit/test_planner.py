@@ -4,20 +4,28 @@ Default machine (tests.fixtures.costmodel_profiles.gpu_with_cpu): 8 cores, cuda:
 fwd_bwd = 0.01 + 0.0001 b and opt 0.001, the CPU at t threads with 0.002 + (0.004 / t) b.
 At B = 100: T_main = 0.02 + 0.001 = 0.021, budget = 0.95 * 0.021 = 0.01995,
 T_SGD = 0.021, T_SAM = 0.041. The main process keeps one core: the worker may use 7.
+
+These tests check the hiding formulas, so they plan without a quality floor (the version-1
+behaviour: b_p as large as hides fully, however small); tests/unit/test_planner_floor.py tests
+the floor.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from asam_tune.costmodel import cpus_needed, make_plan
+from asam_tune.costmodel import cpus_needed
+from asam_tune.costmodel import make_plan as make_plan_with_floor
 from asam_tune.costmodel.planner import EQUIVALENT_STEP_TIME
 from asam_tune.errors import UserInputError
 from tests.fixtures.costmodel_profiles import (affine, contention, cpu_only_profile, gpu_with_cpu, handover, profile,
                                                transfer)
+
+make_plan = functools.partial(make_plan_with_floor, min_perturbation_fraction=None)
 
 
 def test_gpu_main_with_cpu_worker_by_hand():

@@ -19,7 +19,9 @@ from asam_tune.errors import RecordError, UserInputError, WorkerError
 from asam_tune.records import Plan, dump_record, load_record
 from asam_tune.records.base import parse_record
 from asam_tune.records.tuning import ConfirmationLog, Tuning
-from asam_tune.tune.cli import add_tune_parser, default_storage, run_tune, tuning_record_path
+from asam_tune.cli.tune import add_arguments as add_tune_arguments
+from asam_tune.cli.tune import default_storage, tuning_record_path
+from asam_tune.cli.tune import run as run_tune
 from asam_tune.tune.confirm import finalists, pool
 from asam_tune.tune.render import render_tuning
 from asam_tune.tune.result import tuned_plan, tuning_record
@@ -601,7 +603,7 @@ def test_tuning_record_round_trips_and_renders(tmp_path):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    add_tune_parser(parser.add_subparsers(dest="command"))
+    add_tune_arguments(parser.add_subparsers(dest="command").add_parser("tune"))
     return parser
 
 

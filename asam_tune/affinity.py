@@ -1,15 +1,13 @@
-"""Placing a worker process before torch loads: cores, threads, launcher variables, parent death.
+"""Pinning processes to cores, and watching a parent: the operating-system side of placement.
 
-Torch-free on purpose. ``boot_worker`` is the entry point of the CPU perturbation worker
-process: the spawn machinery imports this module, so everything here runs before torch is
-imported and before it starts any thread (``torch.set_num_threads`` must come before the first
-parallel op, and OpenMP reads ``OMP_NUM_THREADS`` when it loads).
+Torch-free on purpose: the CPU perturbation worker (``perturbers/process_child.py``) uses it
+before torch is imported and before torch starts any thread (``torch.set_num_threads`` must
+come before the first parallel op, and OpenMP reads ``OMP_NUM_THREADS`` when it loads). The
+main process's placement (``runtime/placement.py``, ``runtime/distributed.py``) uses it too.
 """
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import threading
 from collections.abc import Iterable
 
@@ -83,40 +81,3 @@ def watch_parent(parent_pid: int, interval_s: float = PARENT_POLL_S) -> threadin
     thread = threading.Thread(target=run, name="asam-parent-watch", daemon=True)
     thread.start()
     return thread
-
-
-def boot_worker(conn, payload_box: list, cores: tuple[int, ...] | None, threads: int,
-                parent_pid: int, death_signal: int) -> None:
-    """Entry point of the CPU perturbation worker (see ``process_worker``).
-
-    ``payload_box`` holds one tuple: the pickled replica, the pickled loss function and rho.
-    Plain bytes, so that unpickling the spawn arguments imports no torch; in a list, so that
-    popping it leaves no copy in the Process object's arguments once the model is built.
-
-    Order matters: orphan checks, environment, affinity, and only then torch.
-    """
-    torch_loaded_before_setup = "torch" in sys.modules
-    # Ctrl-C reaches the whole process group; the parent handles it and stops this worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if death_signal:
-        set_parent_death_signal(death_signal)
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(0)
-    watch_parent(parent_pid)
-    strip_launcher_variables(os.environ)
-    set_thread_variables(os.environ, threads)
-    try:
-        if cores is not None:
-            pin_process(cores)
-    except OSError as exc:
-        # Reported as a start failure by the parent; torch is not needed to say so.
-        import traceback
-
-        conn.send(("start_error", type(exc).__name__, f"cannot pin the worker to cores {list(cores)}: {exc}",
-                   traceback.format_exc()))
-        conn.close()
-        return
-    from asam_tune.runtime import process_worker  # imports torch, now that the process is placed
-
-    process_worker.serve(conn, payload_box.pop(), cores=cores, threads=threads,
-                         torch_loaded_before_setup=torch_loaded_before_setup)

@@ -6,29 +6,35 @@ waits for the ascent pass. Stream order is kept with stream-to-stream waits, nev
 synchronisation on the main thread:
 
 - submit: the worker stream waits for the main stream (the weights ``w_t`` are what it leaves),
-  copies weights and batch, and the main stream waits for those copies (it will overwrite the
-  weights with ``w_t + e_t`` next);
+  brings the replica's other parameters, buffers and modes up to the main model
+  (``ReplicaSync``), copies weights and batch, and the main stream waits for those copies (it
+  will overwrite the weights with ``w_t + e_t`` next);
 - the job: forward, backward and the perturbation on the worker stream; the worker thread then
   synchronises that stream, so ``ready()`` means the result is on the device;
 - collect: the perturbation is copied into buffers on the main device on the worker stream,
   and the main stream waits for that copy.
+
+Random draws (dropout) in the ascent come from the device's generator as they are: seeding it
+from this thread would race with the main thread's own draws.
 """
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from asam_tune.errors import UserInputError, WorkerError
-from asam_tune.runtime.perturbation import ascent_perturbation, trainable_parameters
-from asam_tune.runtime.perturber import PerturbationResult, job_deadline
-from asam_tune.runtime.replica import replica_on
+from asam_tune.perturbers.ascent import ascent_perturbation, parameters_at
+from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase, remote_error_name
+from asam_tune.perturbers.batches import map_tensors
+from asam_tune.perturbers.replica import replica_on
+from asam_tune.perturbers.state_sync import ReplicaSync
+
+__all__ = ["JobThread", "StreamPerturber"]
 
 _POLL_S = 0.05
 _STOP_TIMEOUT_S = 5.0
@@ -108,7 +114,7 @@ def _cuda_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
-class StreamPerturber:
+class StreamPerturber(PerturberBase):
     """Computes SAM's ascent perturbation on a CUDA stream of its own, concurrently with the caller.
 
     ``device`` holds the replica. ``secondary_stream=True`` says it is the main GPU itself (the
@@ -125,22 +131,11 @@ class StreamPerturber:
     it is a daemon and is abandoned). Not thread-safe: one caller.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        rho: float,
-        *,
-        device: str,
-        secondary_stream: bool,
-        timeout_s: float = 60.0,
-    ):
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-            raise UserInputError(f"Invalid rho: {rho!r}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise UserInputError(f"Invalid timeout_s: {timeout_s!r} (need a positive number of seconds)")
+    def __init__(self, task: AscentTask, *, device: str | torch.device, secondary_stream: bool,
+                 timeout_s: float = 60.0):
+        super().__init__(task, timeout_s=timeout_s)
         self._device = _cuda_device(device)
-        params = trainable_parameters(model)
+        params = list(task.model.parameters())
         model_device = params[0].device if params else self._device
         if secondary_stream and model_device != self._device:
             raise UserInputError(f"Invalid device: {device!r} (secondary_stream=True shares the model's own "
@@ -149,65 +144,52 @@ class StreamPerturber:
             raise UserInputError(f"Invalid device: {device!r} is the model's own device; "
                                  f"use secondary_stream=True to share it")
         self.secondary_stream = secondary_stream
-        self._replica = replica_on(model, self._device)
-        self._params = trainable_parameters(self._replica)
-        self._loss_fn = loss_fn
-        self._rho = float(rho)
-        self._timeout_s = float(timeout_s)
+        self.name = f"perturbation worker thread on {self._device}"
+        self._replica = replica_on(task.model, self._device)
+        self._sync = ReplicaSync(task.model, self._replica, task.perturbed)
+        self._params = parameters_at(self._replica, task.perturbed)
         self._stream = torch.cuda.Stream(device=self._device)
         self._runner = JobThread(name=f"asam-perturbation-{self._device}")
-        self._pending: int | None = None
-        self._submitted_at = 0.0
         self._main_device: torch.device | None = None
         self._outputs: list[torch.Tensor] | None = None
-        self._broken: WorkerError | None = None
-        self._closed = False
 
-    def _describe(self) -> str:
-        return f"perturbation worker thread {self._runner.name!r} on {self._device}"
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise WorkerError(f"the perturbation worker is no longer usable: {self._broken}")
-        if self._closed:
-            raise RuntimeError("StreamPerturber is closed")
-
-    def submit(self, step: int, weights: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> None:
+    def submit(self, job: AscentJob) -> None:
         """Queue the copies and the job on the worker stream; returns at once."""
-        self._check_usable()
-        if self._pending is not None:
-            raise RuntimeError(f"submit() for step {step} while step {self._pending} is pending; collect() first")
-        if len(weights) != len(self._params):
-            raise UserInputError(f"Invalid weights: got {len(weights)} tensors, the model has "
-                                 f"{len(self._params)} trainable parameters")
-        for i, (w, p) in enumerate(zip(weights, self._params)):
+        self._begin(job)
+        for i, (w, p) in enumerate(zip(job.weights, self._params)):
             if w.shape != p.shape:
                 raise UserInputError(f"Invalid weights[{i}]: shape {tuple(w.shape)}, expected {tuple(p.shape)}")
-        main_device = weights[0].device if weights else self._device
+        main_device = job.weights[0].device if job.weights else self._device
         if main_device.type != "cuda":
             raise UserInputError(f"Invalid weights: on {main_device}; StreamPerturber needs them on a CUDA device")
         main = torch.cuda.current_stream(main_device)
         stream = self._stream
+        device = self._device
+
+        def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+            dst.copy_(src, non_blocking=True)
+
         with torch.cuda.stream(stream), torch.no_grad():
             stream.wait_stream(main)  # w_t is what the main stream's queued work leaves
-            for p, w in zip(self._params, weights):
+            self._sync.sync(copy)
+            for p, w in zip(self._params, job.weights):
                 p.copy_(w, non_blocking=True)
-            # Always a copy, made on the worker stream: the caller may free or reuse x and y.
-            x_dev = x.to(self._device, non_blocking=True, copy=True)
-            y_dev = y.to(self._device, non_blocking=True, copy=True)
+            # Always a copy, made on the worker stream: the caller may free or reuse the batch.
+            batch = map_tensors(job.batch, lambda t: t.to(device, non_blocking=True, copy=True))
         main.wait_stream(stream)  # the main stream perturbs w_t in place next; the copies go first
+        task, params, rho = self.task, self._params, float(job.rho)
 
-        def job():
+        def run():
             started = time.perf_counter()
             with torch.cuda.stream(stream), torch.enable_grad():
-                e = ascent_perturbation(self._replica, self._loss_fn, x_dev, y_dev, self._rho)
+                e = ascent_perturbation(self._replica, task.compute_loss, batch, params, rho, adaptive=task.adaptive)
             stream.synchronize()
-            return e, time.perf_counter() - started
+            ended = time.perf_counter()
+            return e, started, ended
 
         self._main_device = main_device
-        self._pending = step
-        self._submitted_at = time.monotonic()
-        self._runner.start(job)
+        self._started(job.step)
+        self._runner.start(run)
 
     def ready(self) -> bool:
         if self._pending is None or self._closed:
@@ -216,31 +198,23 @@ class StreamPerturber:
 
     def collect(self, timeout: float | None = None) -> PerturbationResult:
         """The pending job's result; waits at most ``timeout`` s (None: the job's ``timeout_s``)."""
-        self._check_usable()
-        if self._pending is None:
-            raise RuntimeError("collect() without a submitted job")
-        step = self._pending
-        deadline = job_deadline(self._submitted_at, self._timeout_s, timeout)
+        step = self._take_pending()
         try:
-            outcome = self._runner.wait(deadline)
+            outcome = self._runner.wait(self._deadline(timeout))
         except RuntimeError as exc:
-            self._broken = WorkerError(f"{self._describe()} died while computing step {step}: {exc}")
-            raise self._broken from None
+            raise self._fail(WorkerError(f"{self.name} died while computing step {step}: {exc}")) from None
         if outcome is None:
-            self._pending = None
-            self._broken = WorkerError(f"{self._describe()} hung: no result for step {step} after "
-                                       f"{time.monotonic() - self._submitted_at:.1f} s")
-            raise self._broken
+            raise self._fail(WorkerError(f"{self.name} hung: no result for step {step} after "
+                                         f"{self._waited():.1f} s (worker_timeout_s sets the limit)"))
         self._pending = None
         if outcome[0] == "error":
             _, exc, tb = outcome
-            kind = type(exc)
-            name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
             text = " ".join(str(exc).splitlines())
-            raise WorkerError(f"{self._describe()} raised {name}: {text} (step {step})", remote_traceback=tb)
-        e, seconds = outcome[1]
+            raise WorkerError(f"{self.name} raised {remote_error_name(exc)}: {text} (step {step})",
+                              remote_traceback=tb)
+        e, started, ended = outcome[1]
         if e is None:
-            return PerturbationResult(step, None, seconds)
+            return PerturbationResult(step, None, ended - started, started, ended)
         main = torch.cuda.current_stream(self._main_device)
         if self._outputs is None or any(o.device != self._main_device for o in self._outputs[:1]):
             self._outputs = [torch.empty_like(t, device=self._main_device) for t in e]
@@ -250,7 +224,7 @@ class StreamPerturber:
             for out, t in zip(self._outputs, e):
                 out.copy_(t, non_blocking=True)
         main.wait_stream(stream)
-        return PerturbationResult(step, self._outputs, seconds)
+        return PerturbationResult(step, self._outputs, ended - started, started, ended)
 
     def close(self) -> None:
         """Stop the worker thread and free the replica; idempotent."""
@@ -263,12 +237,6 @@ class StreamPerturber:
         self._outputs = None
         self._replica = None
         self._params = []
-
-    def __enter__(self) -> StreamPerturber:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:
