@@ -145,7 +145,7 @@ def _grid_arg(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asam_tune.cli import args as types
+    from asam_tune import arguments as types
 
     parser = argparse.ArgumentParser(prog="python -m asam_tune.bench.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--workload", required=True, choices=sorted(TASKS))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asam_tune.bench.peers_summary import timed_step
+
 
 def _pyplot():
     import matplotlib
@@ -24,7 +26,7 @@ def _pyplot():
 def _elapsed(row: dict, steps_per_epoch: int) -> list[float]:
     timed = row.get("worker_timing") or {}
     if timed:  # one sitting for every method: comparable, unlike the accuracy runs spread over hours
-        per_epoch = [timed["step_time_median_s"] * steps_per_epoch] * len(row["test_curve_mean"])
+        per_epoch = [timed_step(timed) * steps_per_epoch] * len(row["test_curve_mean"])
     else:
         per_epoch = row["epoch_time_mean_s"]
     total, out = 0.0, []

@@ -96,6 +96,15 @@ def _time_to(curve: list[float], target: float, cost_per_epoch: float) -> float 
     return None
 
 
+def _step_ratio(row: dict, sgd: dict) -> float:
+    """The method's step over SGD's, from the timing pass (one sitting) when it ran."""
+    from asam_tune.bench.peers_summary import timed_step
+
+    if row.get("worker_timing") and sgd.get("worker_timing"):
+        return timed_step(row["worker_timing"]) / timed_step(sgd["worker_timing"])
+    return row["step_time_median_s"] / sgd["step_time_median_s"]
+
+
 def targets(result: dict, check: dict | None, target_beta: Fraction, floor: float | None) -> dict:
     """The planner's configuration for a main device 1/target_beta times one core, against the targets."""
     B, phi, spe = result["batch_size"], result["forward_backward_share"], result["steps_per_epoch"]
@@ -124,7 +133,7 @@ def targets(result: dict, check: dict | None, target_beta: Fraction, floor: floa
         if r["kind"] != "looksam":
             continue
         level = min(r["test_mean"], chosen["test_mean"])
-        step_ratio = r["step_time_median_s"] / rows["sgd"]["step_time_median_s"]
+        step_ratio = _step_ratio(r, rows["sgd"])
         mine = _time_to(curve_async, level, spe * cost) if curve_async else None
         theirs = _time_to(r["test_curve_mean"], level, spe * step_ratio)
         looksam[name] = {"level": level, "looksam_measured_step_ratio": step_ratio,

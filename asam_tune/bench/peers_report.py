@@ -33,13 +33,21 @@ def accuracy_table(result: dict) -> list[str]:
              "| flipped labels memorised % |", "|---|---|---|---|---|---|---|---|"]
     for name, row in result["methods"].items():
         seeds = ", ".join(_pct(a) for a in row["test_accuracy"])
+        estimate = result["selections"].get(name, {}).get("estimate", {})
+        edge = " (edge)" if estimate.get("at_edge") else ""
         val = sum(row["val_accuracy"]) / len(row["val_accuracy"])
         gain = row.get("gain_fraction")
-        lines.append(f"| {_label(name, row, result['batch_size'])} | {_rho(row['rho'])} | {_pct(val)} | "
+        lines.append(f"| {_label(name, row, result['batch_size'])} | {_rho(row['rho'])}{edge} | {_pct(val)} | "
                      f"{_pct(row['test_mean'])} ± {_pct(row['test_sd'])} | {seeds} | "
                      f"{'-' if gain is None else f'{gain:.2f}'} | {_pct(row['train_accuracy_mean'])} | "
                      f"{_pct(row['memorized_flipped_mean'])} |")
     return lines
+
+
+def _timed(timed: dict) -> str:
+    if not timed:
+        return "-"
+    return f"{_ms(timed.get('step_time_mean_s'))}, {_ms(timed['step_time_median_s'])}"
 
 
 def _time_to(row: dict, level: str) -> tuple[str, str, str]:
@@ -53,7 +61,8 @@ def _time_to(row: dict, level: str) -> tuple[str, str, str]:
 
 
 def time_table(result: dict) -> list[str]:
-    lines = ["| method | step ms (accuracy runs) | step ms (timing pass) | worker wait ms | predicted step ms "
+    lines = ["| method | step ms (accuracy runs, median) | step ms (timing pass: mean, median) | worker wait ms "
+             "| predicted step ms "
              "| epoch s | to SGD's accuracy: s (runs / timing pass), seeds, modelled SGD steps "
              "| to 90% of SAM's gain: s, seeds, modelled SGD steps "
              f"| modelled cost at beta={result['beta']} (x SGD step) |",
@@ -65,7 +74,7 @@ def time_table(result: dict) -> list[str]:
         sgd_time, sgd_count, sgd_steps = _time_to(row, "sgd")
         g_time, g_count, g_steps = _time_to(row, "gain90")
         lines.append(f"| {_label(name, row, result['batch_size'])} | {_ms(row['step_time_median_s'])} | "
-                     f"{_ms(timed.get('step_time_median_s'))}{worker} | "
+                     f"{_timed(timed)}{worker} | "
                      f"{_ms(timed.get('wait_median_s')) if timed.get('worker') else '-'} | "
                      f"{_ms(row.get('predicted_step_s'))} | {_s(row['epoch_time_median_s'])} | "
                      f"{sgd_time}, {sgd_count}, {sgd_steps} | {g_time}, {g_count}, {g_steps} | "
@@ -89,6 +98,10 @@ def markdown(result: dict) -> str:
         f"{result['date']}; commit {result['commit']}; load average {result['load_average']['start']} at the start, "
         f"{result['load_average']['end']} at the end (the machine is shared). Command: `{result['command']}`.", "",
         *accuracy_table(result), "",
+        "*(edge)*: the best validation accuracy was at an end of the values tried (the ladder's end, or the walk's "
+        "last extension): a better rho may lie beyond. The gain is (method - SGD) / (SAM - SGD) on mean test "
+        "accuracy; memorised: the share of training samples with a flipped label that the model predicts with "
+        "that wrong label.", "",
         "Times. *Accuracy runs*: this process, one thread; the asynchronous methods computed their ascent "
         "in-process there (the same math, serial), so their step includes it. *Worker process*: a fresh "
         f"model trained {timing.get('steps', '-')} steps with a real worker process (main on core "

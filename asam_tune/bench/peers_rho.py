@@ -3,9 +3,11 @@
     python -m asam_tune.bench.peers_rho --input DIR1/peers.json --input DIR2/peers.json --output DIR
 
 1. Points. For every asynchronous SAM fraction ``b_p/B`` of every input, the best rho on the
-   validation split (``peers_select.best_rho_estimate``: the parabola through the best ladder
-   value and its neighbours, in log rho), divided by SAM's own (the full-batch rho the user
-   gives). Estimates at an end of the tried range are kept but flagged and left out of the fit.
+   validation split -- the ladder value the selection chose -- divided by SAM's own (the
+   full-batch rho the user gives). Also, as a check on the ladder's coarseness, the vertex of
+   the parabola through the best value and its neighbours in log rho (``best_rho_estimate``;
+   pulled low where accuracy falls off a cliff just above the best rho). A best value at an end
+   of the tried range is kept but flagged and left out of the fits.
 2. Fits, in log rho: ``factor = min(cap, (B/b_p)^a)`` (the runtime's ``RhoRule`` "power") by a
    grid search over ``a`` and ``cap``; the same without a cap; and ``factor = 1`` (no rule),
    each with its root-mean-square error in log rho, on each workload alone and on both pooled.
@@ -43,10 +45,11 @@ def points_of(result: dict) -> list[dict]:
         if row["kind"] != "asam" or name not in selections:
             continue
         estimate = best_rho_estimate({float(r): s for r, s in selections[name]["val_scores"].items()})
+        chosen = selections[name]["rho"]
         out.append({"workload": result["task"], "method": name, "fraction": row["ascent_fraction"],
-                    "b_p": row["perturbation_batch_size"], "best_rho": estimate["rho"],
-                    "chosen_rho": selections[name]["rho"], "at_edge": estimate["at_edge"],
-                    "factor": estimate["rho"] / sam["rho"], "sam_rho": sam["rho"]})
+                    "b_p": row["perturbation_batch_size"], "best_rho": chosen, "vertex_rho": estimate["rho"],
+                    "at_edge": estimate["at_edge"], "sam_rho": selections["sam"]["rho"],
+                    "factor": chosen / selections["sam"]["rho"], "vertex_factor": estimate["rho"] / sam["rho"]})
     return sorted(out, key=lambda p: -p["fraction"])
 
 
@@ -55,23 +58,23 @@ def _rule_factor(inverse_fraction: float, exponent: float, cap: float | None) ->
     return factor if cap is None else min(cap, factor)
 
 
-def _rmse(points: list[dict], exponent: float, cap: float | None) -> float:
-    errors = [math.log(p["factor"]) - math.log(_rule_factor(1 / p["fraction"], exponent, cap)) for p in points]
+def _rmse(points: list[dict], exponent: float, cap: float | None, key: str = "factor") -> float:
+    errors = [math.log(p[key]) - math.log(_rule_factor(1 / p["fraction"], exponent, cap)) for p in points]
     return math.sqrt(statistics.mean(e * e for e in errors))
 
 
-def fit(points: list[dict]) -> dict:
-    """The power law with and without a cap, and no rule, fitted in log rho (grid search)."""
+def fit(points: list[dict], key: str = "factor") -> dict:
+    """The power law with and without a cap, and no rule, fitted to ``key`` in log rho (grid search)."""
     usable = [p for p in points if not p["at_edge"]]
     if len(usable) < 2:
         raise UserInputError(f"only {len(usable)} usable best-rho points: cannot fit a rule")
     exponents = [i / 400 for i in range(0, 401)]  # 0 .. 1
-    largest = max(p["factor"] for p in usable)
+    largest = max(p[key] for p in usable)
     caps = [None] + [1 + i * (max(largest, 1.0) * 1.5 - 1) / 200 for i in range(1, 201)]
-    best_power = min(((a, c) for a in exponents for c in caps), key=lambda ac: _rmse(usable, *ac))
-    uncapped = min(exponents, key=lambda a: _rmse(usable, a, None))
-    none_rmse = _rmse(usable, 0.0, None)
-    power_rmse = _rmse(usable, *best_power)
+    best_power = min(((a, c) for a in exponents for c in caps), key=lambda ac: _rmse(usable, *ac, key))
+    uncapped = min(exponents, key=lambda a: _rmse(usable, a, None, key))
+    none_rmse = _rmse(usable, 0.0, None, key)
+    power_rmse = _rmse(usable, *best_power, key)
 
     def explained(rmse: float) -> float | None:
         return None if none_rmse == 0 else 1 - (rmse / none_rmse) ** 2
@@ -80,10 +83,11 @@ def fit(points: list[dict]) -> dict:
         "points_used": len(usable), "points_at_edge": len(points) - len(usable),
         "power_with_cap": {"exponent": best_power[0], "max_factor": best_power[1], "rmse_log": power_rmse,
                            "explained": explained(power_rmse)},
-        "power": {"exponent": uncapped, "rmse_log": _rmse(usable, uncapped, None),
-                  "explained": explained(_rmse(usable, uncapped, None))},
+        "power": {"exponent": uncapped, "rmse_log": _rmse(usable, uncapped, None, key),
+                  "explained": explained(_rmse(usable, uncapped, None, key))},
         "none": {"rmse_log": none_rmse},
-        "residuals": [{"workload": p["workload"], "fraction": p["fraction"], "measured_factor": p["factor"],
+        "fitted": key,
+        "residuals": [{"workload": p["workload"], "fraction": p["fraction"], "measured_factor": p[key],
                        "rule_factor": _rule_factor(1 / p["fraction"], *best_power)} for p in usable],
     }
 
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
             except (OSError, json.JSONDecodeError) as exc:
                 raise UserInputError(f"cannot read the peers result {path}: {exc}") from None
         points = [p for r in results for p in points_of(r)]
-        fits = {"pooled": fit(points)}
+        fits = {"pooled": fit(points), "pooled, parabola vertices": fit(points, key="vertex_factor")}
         for r in results:
             mine = [p for p in points if p["workload"] == r["task"]]
             try:

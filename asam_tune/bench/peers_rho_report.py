@@ -25,14 +25,16 @@ def markdown(study: dict) -> str:
         "## Rho against b_p", "",
         f"Machine: {study['machine']['cpu']}; {study['date']}; commit {study['commit']}. Inputs: "
         + ", ".join(f"`{p}`" for p in study["inputs"]) + ".", "",
-        "Best rho on the validation split (parabola through the best ladder value and its neighbours, in log "
-        "rho), divided by SAM's own best rho:", "",
-        "| workload | method | b_p/B | b_p | best rho | factor vs SAM | at the edge of the tried range |",
-        "|---|---|---|---|---|---|---|",
+        "Best rho on the validation split (the ladder value chosen), divided by SAM's; beside it the vertex of "
+        "the parabola through the best value and its neighbours in log rho, divided by SAM's vertex:", "",
+        "| workload | method | b_p/B | b_p | best rho | factor vs SAM | vertex rho | vertex factor "
+        "| at the edge of the tried range |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in study["points"]:
         lines.append(f"| {p['workload']} | `{p['method']}` | {_fraction(p['fraction'])} | {p['b_p']} | "
-                     f"{_f(p['best_rho'])} | {_f(p['factor'])} | {'yes (not fitted)' if p['at_edge'] else 'no'} |")
+                     f"{_f(p['best_rho'])} | {_f(p['factor'])} | {_f(p['vertex_rho'])} | {_f(p['vertex_factor'])} | "
+                     f"{'yes (not fitted)' if p['at_edge'] else 'no'} |")
     lines += ["", "Fits in log rho (rmse in log rho; 0.1 is a factor of about 1.1; explained: 1 - (rmse / rmse of "
               "no rule)^2):", "", "| data | power with cap: a, cap | rmse | explained | power, no cap: a | rmse "
               "| no rule: rmse |", "|---|---|---|---|---|---|---|"]

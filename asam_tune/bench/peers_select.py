@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 
 from asam_tune.errors import UserInputError
 
-MAX_EXTENSIONS = 3
+MAX_EXTENSIONS = 5
 
 # rho ladders (roughly x1.3-1.5 apart). SGD with momentum wants larger rho than AdamW does.
 LADDERS = {
     "sgd": (0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.25, 1.6, 2.0, 2.5, 3.2, 4.0),
     "adamw": (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.25),
-    "mesa": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+    "mesa": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
 }
 
 

@@ -124,43 +124,47 @@ class PlainStep:
 
 
 class SlowWorker:
-    """A ``Perturber`` that computes in-process but is ready only ``steps_per_job`` main steps later.
+    """A perturber factory whose jobs compute in-process but are ready ``steps_per_job`` main steps later.
 
     It stands for a worker that processes ``beta * B`` samples per main step: a job of ``b_p``
     samples takes ``ceil(b_p / (beta * B))`` steps. ``tick()`` is called once per finished
     main step. Used with ``staleness="non_blocking"``, whose main step never waits for it.
+    ``AsyncSAM`` calls it with the run's ``AscentTask``; the math is the runtime's own
+    (``InProcessPerturber``), only the moment the result may be collected is delayed.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, rho: float, steps_per_job: int):
-        from asam_tune.runtime.perturber import PerturbationResult
-
-        self._result_type = PerturbationResult
-        self._replica = _Replica(model, loss_fn)
-        self._rho = rho
+    def __init__(self, steps_per_job: int):
         self.steps_per_job = steps_per_job
+        self._inner = None
         self._clock = 0
-        self._job: tuple[int, Any, int, float] | None = None  # (step, perturbation, ready_at, seconds)
+        self._ready_at: int | None = None
 
-    def submit(self, step, weights, x, y) -> None:
-        started = time.perf_counter()
-        e = _perturbation(self._replica.gradient([w.detach() for w in weights], x, y), self._rho)
-        self._job = (step, e, self._clock + self.steps_per_job, time.perf_counter() - started)
+    def __call__(self, task):
+        from asam_tune.perturbers import InProcessPerturber
+
+        self._inner = InProcessPerturber(task)
+        return self
+
+    def submit(self, job) -> None:
+        self._inner.submit(job)
+        self._ready_at = self._clock + self.steps_per_job
 
     def ready(self) -> bool:
-        return self._job is not None and self._clock >= self._job[2]
+        return self._ready_at is not None and self._clock >= self._ready_at and self._inner.ready()
 
-    def collect(self, timeout: float):
-        if self._job is None:
+    def collect(self, timeout: float | None = None):
+        if self._ready_at is None:
             raise RuntimeError("collect() without a submitted job")
-        step, e, _, seconds = self._job
-        self._job = None
-        return self._result_type(step, e, seconds)
+        self._ready_at = None
+        return self._inner.collect(timeout)
 
     def tick(self) -> None:
         self._clock += 1
 
     def close(self) -> None:
-        self._job = None
+        self._ready_at = None
+        if self._inner is not None:
+            self._inner.close()
 
 
 class AsyncSAMStep:
@@ -177,10 +181,12 @@ class AsyncSAMStep:
         if cores is not None:
             options["cores"] = cores
             options["threads"] = len(cores)
+        # rho_rule "none": every method's rho here is the rho applied at its own b_p (chosen on
+        # the validation split, or the rule's value computed by peers_rho), never rescaled.
         self.sam = AsyncSAM(model, self.scheduled, task.loss_fn, rho, staleness=staleness,
                             perturbation_batch_size=perturbation_batch_size,
                             perturbation_device=perturbation_device, perturber=perturber, adapt=False,
-                            **options)
+                            rho_rule="none", **options)
 
     def step(self, x, y, next_batch) -> None:
         self.scheduled.zero_grad(set_to_none=True)
@@ -210,7 +216,7 @@ class PytorchOptimizerSAM:
     direction, which is what makes it cheaper than SAM.
     """
 
-    def __init__(self, task: Task, model: nn.Module, rho: float, k: int | None = None):
+    def __init__(self, task: Task, model: nn.Module, rho: float, k: int | None = None, alpha: float | None = None):
         try:
             import pytorch_optimizer
             from pytorch_optimizer.optimizer.utils import disable_running_stats, enable_running_stats
@@ -222,8 +228,9 @@ class PytorchOptimizerSAM:
             self.optimizer = pytorch_optimizer.SAM(model.parameters(), task.optimizer, rho=rho,
                                                    **task.optimizer_kwargs)
         else:
+            extra = {} if alpha is None else {"alpha": alpha}
             self.optimizer = pytorch_optimizer.LookSAM(model.parameters(), task.optimizer, rho=rho, k=k,
-                                                       **task.optimizer_kwargs)
+                                                       **extra, **task.optimizer_kwargs)
         self.scheduled = self.optimizer.base_optimizer
         self.full_steps = 0
 
@@ -366,11 +373,11 @@ def make_stepper(task: Task, method: Method, model: nn.Module, rho: float, *, se
                                 perturbation_device=perturbation_device, cores=cores)
         steps_per_job = max(1, math.ceil(b_p / (method.beta * B)))
         return AsyncSAMStep(task, model, rho, staleness="non_blocking", perturbation_batch_size=b_p,
-                            perturber=SlowWorker(model, task.loss_fn, rho, steps_per_job))
+                            perturber=SlowWorker(steps_per_job))
     if kind == "po-sam":
         return PytorchOptimizerSAM(task, model, rho)
     if kind == "looksam":
-        return PytorchOptimizerSAM(task, model, rho, k=method.k)
+        return PytorchOptimizerSAM(task, model, rho, k=method.k, alpha=method.alpha)
     if kind == "split":
         return SplitAscent(task, model, rho, samples(method.fraction, B), samples(method.main_fraction, B))
     if kind == "rst":

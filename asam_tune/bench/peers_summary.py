@@ -33,6 +33,11 @@ def epochs_to_reach(curve: list[float], target: float) -> int | None:
     return None
 
 
+def timed_step(timed: dict) -> float:
+    """Seconds per step from the timing pass: the mean (throughput), the median in older results."""
+    return timed.get("step_time_mean_s", timed["step_time_median_s"])
+
+
 def _time_to(method_runs: list[dict], level: float, steps_per_epoch: int, cost: float | None,
              timed: dict | None) -> dict:
     """Epochs per seed to reach ``level``, and the time that took three ways (see the module docstring)."""
@@ -43,7 +48,7 @@ def _time_to(method_runs: list[dict], level: float, steps_per_epoch: int, cost: 
     return {
         "level": level, "epochs": reached, "seeds_reaching": len(needed),
         "accuracy_runs_s": statistics.mean(times) if times else None,
-        "timed_s": (mean_epochs * steps_per_epoch * timed["step_time_median_s"]
+        "timed_s": (mean_epochs * steps_per_epoch * timed_step(timed)
                     if mean_epochs is not None and timed else None),
         "budget_sgd_steps": mean_epochs * steps_per_epoch * cost if mean_epochs is not None and cost else None,
     }
@@ -111,4 +116,4 @@ def summarize(task: Task, methods: list[Method], runs: dict[str, list[dict]], se
     }
 
 
-__all__ = ["summarize", "epochs_to_reach"]
+__all__ = ["summarize", "epochs_to_reach", "timed_step"]
