@@ -140,12 +140,37 @@ def check_rule(result: dict, rule: dict, *, progress, extra_fractions: tuple[str
             "smallest_measured_fraction": min(r["fraction"] for r in rows) if rows else None}
 
 
+def gain_table(checks: list[dict]) -> list[dict]:
+    """Per b_p/B measured on every workload: the smallest gain at the rule's rho among the
+    workloads (what ``costmodel/quality.py``'s table for the power rule takes), and each one's."""
+    if not checks:
+        return []
+    common = set.intersection(*({r["fraction"] for r in c["rows"]} for c in checks))
+    out = []
+    for fraction in sorted(common, reverse=True):
+        by = {c["workload"]: next(r["gain_fraction"] for r in c["rows"] if r["fraction"] == fraction) for c in checks}
+        out.append({"fraction": fraction, "gain": min(by.values()), "by_workload": by})
+    return out
+
+
+def extra_for(text: str, workload: str) -> tuple[str, ...]:
+    """The extra fractions of ``--extra-fractions`` that apply to ``workload``."""
+    out = []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        name, _, fraction = entry.rpartition(":")
+        if not name or name == workload:
+            out.append(fraction)
+    return tuple(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asam_tune.bench.peers_rho", description=__doc__.splitlines()[0])
     parser.add_argument("--input", action="append", required=True, help="a peers.json (repeat for each workload)")
     parser.add_argument("--output", required=True, help="directory for rho.json, rho.md and rho-vs-bp.png")
     parser.add_argument("--no-check", action="store_true", help="fit only: train nothing at the rule's rho")
-    parser.add_argument("--extra-fractions", default="", help="b_p/B values below the peers' to check too, e.g. 1/50,1/100")
+    parser.add_argument("--extra-fractions", default="",
+                        help="b_p/B values below the peers' to check too, e.g. 1/50,1/100; "
+                             "WORKLOAD:F checks F on that workload only")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -173,9 +198,9 @@ def main(argv=None) -> int:
         progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         torch.set_num_threads(1)
         try:
-            extra = tuple(f.strip() for f in args.extra_fractions.split(",") if f.strip())
-            checks = [] if args.no_check else [check_rule(r, rule, progress=progress, extra_fractions=extra)
-                                               for r in results]
+            checks = [] if args.no_check else [
+                check_rule(r, rule, progress=progress, extra_fractions=extra_for(args.extra_fractions, r["task"]))
+                for r in results]
         finally:
             torch.set_num_threads(threads)
         output = Path(args.output)
@@ -185,6 +210,7 @@ def main(argv=None) -> int:
                           "source": f"peers_rho on {', '.join(r['task'] for r in results)} "
                                     f"(validation split), pooled fit"},
                  "checks": checks, "floor_tolerance": FLOOR_TOLERANCE}
+        study["gain_table"] = gain_table(checks)
         floors = [c["floor_fraction"] for c in checks if c["floor_fraction"] is not None]
         study["floor_fraction"] = max(floors) if len(floors) == len(checks) and floors else None
         if not args.no_plots:
@@ -200,4 +226,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["points_of", "fit", "rule_rho", "check_rule", "main", "FLOOR_TOLERANCE"]
+__all__ = ["points_of", "fit", "rule_rho", "check_rule", "gain_table", "main", "FLOOR_TOLERANCE"]

@@ -71,6 +71,14 @@ def markdown(study: dict) -> str:
         floor = study.get("floor_fraction")
         lines.append(f"Floor for the planner (the larger of the workloads'): "
                      f"{'none' if floor is None else _fraction(floor)}.")
+    if study.get("gain_table"):
+        workloads = list(study["gain_table"][0]["by_workload"])
+        lines += ["", "Gain at the rule's rho for the planner (`costmodel/quality.py`: the smaller of the workloads'):",
+                  "", "| b_p/B | gain (min) | " + " | ".join(workloads) + " |",
+                  "|---|---|" + "---|" * len(workloads)]
+        for g in study["gain_table"]:
+            lines.append(f"| {_fraction(g['fraction'])} | {g['gain']:.2f} | "
+                         + " | ".join(f"{g['by_workload'][w]:.2f}" for w in workloads) + " |")
     if study.get("plot"):
         lines += ["", f"![best rho against b_p]({study['plot']})"]
     return "\n".join(lines) + "\n"

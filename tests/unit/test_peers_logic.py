@@ -121,3 +121,24 @@ def test_ranking_puts_cheapest_gain_keeper_first_and_marks_pareto():
 def test_epochs_to_reach():
     assert epochs_to_reach([0.1, 0.5, 0.7, 0.6], 0.6) == 3
     assert epochs_to_reach([0.1, 0.2], 0.6) is None
+
+
+def test_gain_table_takes_the_smaller_gain_of_the_workloads_at_common_fractions():
+    from asam_tune.bench.peers_rho import gain_table
+
+    checks = [{"workload": "a", "rows": [{"fraction": 1.0, "gain_fraction": 0.8}, {"fraction": 0.25, "gain_fraction": 1.1},
+                                         {"fraction": 0.01, "gain_fraction": 0.5}]},
+              {"workload": "b", "rows": [{"fraction": 1.0, "gain_fraction": 1.0}, {"fraction": 0.25, "gain_fraction": 0.95}]}]
+    table = gain_table(checks)
+    assert [(g["fraction"], g["gain"]) for g in table] == [(1.0, 0.8), (0.25, 0.95)]
+    assert table[1]["by_workload"] == {"a": 1.1, "b": 0.95}
+    assert gain_table([]) == []
+
+
+def test_extra_fractions_apply_to_every_workload_or_the_one_named():
+    from asam_tune.bench.peers_rho import extra_for
+
+    text = "1/50, mnist1d-cnn:1/100"
+    assert extra_for(text, "mnist1d-cnn") == ("1/50", "1/100")
+    assert extra_for(text, "seq-transformer") == ("1/50",)
+    assert extra_for("", "x") == ()
