@@ -40,8 +40,11 @@ def markdown(report: dict) -> str:
             for k, l in t.get("looksam", {}).items():
                 lines.append(f"- against `{k}` at equal accuracy ({_pct(l['level'])} %): "
                              f"{_num(l['async_sgd_steps_to_level'], '.0f')} SGD steps (modelled) against LookSAM's "
-                             f"{_num(l['looksam_sgd_steps_to_level'], '.0f')} (its measured step is "
-                             f"{l['looksam_measured_step_ratio']:.2f}x SGD's): **{'cheaper' if l['cheaper'] else 'not cheaper'}**.")
+                             f"{_num(l['looksam_sgd_steps_to_level'], '.0f')} (its step modelled at "
+                             f"{l['looksam_modelled_step_ratio']:.2f}x SGD's): **{'cheaper' if l['cheaper'] else 'not cheaper'}**; "
+                             f"with LookSAM's step as measured here ({l['looksam_measured_step_ratio']:.2f}x SGD's, "
+                             f"{_num(l['looksam_sgd_steps_to_level_measured'], '.0f')} SGD steps): "
+                             f"{'cheaper' if l['cheaper_than_measured'] else 'not cheaper'}.")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -142,3 +142,24 @@ def test_extra_fractions_apply_to_every_workload_or_the_one_named():
     assert extra_for(text, "mnist1d-cnn") == ("1/50", "1/100")
     assert extra_for(text, "seq-transformer") == ("1/50",)
     assert extra_for("", "x") == ()
+
+
+def test_targets_compare_with_looksam_in_modelled_steps_and_say_the_measured_ratio():
+    from fractions import Fraction
+
+    from asam_tune.bench.peers_remedies import targets
+
+    curve_async, curve_look = [0.70, 0.80, 0.86], [0.60, 0.75, 0.86]
+    rows = {"sgd": {"kind": "sgd", "test_mean": 0.68, "step_time_median_s": 0.01},
+            "asam-1/32": {"kind": "asam", "perturbation_batch_size": 3, "test_mean": 0.86, "test_curve_mean": curve_async},
+            "looksam-k5": {"kind": "looksam", "test_mean": 0.86, "test_curve_mean": curve_look,
+                           "step_time_median_s": 0.005}}
+    result = {"batch_size": 100, "forward_backward_share": 1.0, "steps_per_epoch": 10, "methods": rows,
+              "sgd_test_mean": 0.68, "sam_test_mean": 0.86}
+    check = {"rows": [{"b_p": 3, "rule_rho": 0.9, "test_mean": 0.86, "test_sd": 0.01, "gain_fraction": 1.0}]}
+    t = targets(result, check, Fraction(1, 30), None)
+    assert (t["chosen_b_p"], t["modelled_cost"], t["reaches"], t["cheaper_than_sam"]) == (3, 1.0, True, True)  # b_p 3 < 100/30: hidden
+    look = t["looksam"]["looksam-k5"]
+    # Asynchronous SAM reaches 86 % in epoch 3 at cost 1.0; LookSAM in epoch 3 at 1 + 1/5.
+    assert look["async_sgd_steps_to_level"] == pytest.approx(30) and look["looksam_sgd_steps_to_level"] == pytest.approx(36)
+    assert look["cheaper"] and look["looksam_measured_step_ratio"] == 0.5 and not look["cheaper_than_measured"]
