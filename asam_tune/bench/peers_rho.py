@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+from fractions import Fraction
 import sys
 from pathlib import Path
 
@@ -98,10 +99,12 @@ def rule_rho(rule: dict, sam_rho: float, fraction: float) -> float:
     return float(f"{value:.3g}")
 
 
-def check_rule(result: dict, rule: dict, *, progress, extra_fractions: tuple[str, ...] = ()) -> dict:
+def check_rule(result: dict, rule: dict, *, progress, extra_fractions: tuple[str, ...] = (),
+               only_fractions: tuple[str, ...] = ()) -> dict:
     """Train asynchronous SAM at the rule's rho on every seed; gains and the quality floor.
 
-    ``extra_fractions`` (e.g. "1/100") are checked too, below what the peers result measured."""
+    ``extra_fractions`` (e.g. "1/100") are checked too, below what the peers result measured;
+    ``only_fractions``, when given, limits the check to those of the measured fractions."""
     from asam_tune.bench.peers_methods import parse_method
     from asam_tune.bench.peers_tasks import load_task
     from asam_tune.bench.peers_train import RunStore, get_or_train
@@ -112,6 +115,10 @@ def check_rule(result: dict, rule: dict, *, progress, extra_fractions: tuple[str
     sgd, sam = result["sgd_test_mean"], result["sam_test_mean"]
     rows = []
     measured = {name: row for name, row in result["methods"].items() if row["kind"] == "asam"}
+    if only_fractions:
+        wanted = {Fraction(f) for f in only_fractions}
+        measured = {name: row for name, row in measured.items()
+                    if Fraction(row["ascent_fraction"]).limit_denominator(1000) in wanted}
     names = list(measured) + [f"asam-{f}" for f in extra_fractions if f"asam-{f}" not in measured]
     for name in names:
         method = parse_method(name)
@@ -171,6 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-fractions", default="",
                         help="b_p/B values below the peers' to check too, e.g. 1/50,1/100; "
                              "WORKLOAD:F checks F on that workload only")
+    parser.add_argument("--check-fractions", default="",
+                        help="check only these of the measured b_p/B (same form as --extra-fractions; default: all)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -199,7 +208,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         try:
             checks = [] if args.no_check else [
-                check_rule(r, rule, progress=progress, extra_fractions=extra_for(args.extra_fractions, r["task"]))
+                check_rule(r, rule, progress=progress, extra_fractions=extra_for(args.extra_fractions, r["task"]),
+                           only_fractions=extra_for(args.check_fractions, r["task"]))
                 for r in results]
         finally:
             torch.set_num_threads(threads)
