@@ -46,7 +46,9 @@ def _row(label: str, family: str, accuracy: float, sd: float, gain: float | None
 def candidates(result: dict, check: dict | None, beta: Fraction) -> list[dict]:
     B, phi = result["batch_size"], result["forward_backward_share"]
     rows = result["methods"]
-    hidden = hidden_samples(B, beta)
+    # What the worker finishes within one main step (cost 1.0 in the budget model); the
+    # planner's 5 % margin is left to the planner.
+    hidden = math.floor(float(beta) * B + 1e-9)
     out = []
     for name, r in rows.items():
         method = parse_method(name)
@@ -110,7 +112,10 @@ def targets(result: dict, check: dict | None, target_beta: Fraction, floor: floa
     B, phi, spe = result["batch_size"], result["forward_backward_share"], result["steps_per_epoch"]
     rows = result["methods"]
     hidden = hidden_samples(B, target_beta)
-    b_p = max(hidden, math.ceil((floor or 0) * B))
+    # The floor as the b_p it was measured at (b_p/B = 1/32 of 100 ran with 3 samples).
+    floor_b_p = next((c["b_p"] for c in (check or {}).get("rows", []) if floor is not None and c["fraction"] == floor),
+                     math.ceil((floor or 0) * B - 1e-9))
+    b_p = max(hidden, floor_b_p)
     cost = max(1.0, b_p / (float(target_beta) * B))
     sgd, sam = result["sgd_test_mean"], result["sam_test_mean"]
     threshold = sgd + GAIN_TARGET * (sam - sgd)
