@@ -22,8 +22,9 @@ def _write(tmp_path: Path, profile, name: str = "profile.json") -> Path:
 
 
 def test_plan_shows_the_trade_and_writes_the_floor(tmp_path):
+    # A floor above what hides (cpu/4t hides b_p = 17), so that the trade has two rows.
     result = cli("plan", str(_write(tmp_path, gpu_with_cpu())), "-b", "100", "--allow-other-machine",
-                 "-o", str(tmp_path / "plan.json"))
+                 "--min-perturbation-fraction", "0.25", "-o", str(tmp_path / "plan.json"))
     assert result.returncode == 0, result.stderr
     for expected in ("Hiding the ascent or keeping SAM's gain", "hides fully", "keeps the gain", "synchronous SAM",
                      "forces partial hiding", "quality floor", "b_p >= 25 of 100"):

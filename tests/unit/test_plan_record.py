@@ -152,7 +152,7 @@ def test_a_version_2_document_needs_its_fields(tmp_path, field):
 
 
 def test_partial_and_synchronous_version_2_plans_round_trip(tmp_path):
-    partial = make_plan(gpu_with_cpu(), 100)  # floor 25 > the 17 that hides: partial
+    partial = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=0.25)  # floor 25 > the 17 that hides
     synchronous = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=1.0)
     assert (partial.hiding, synchronous.hiding) == ("partial", "none")
     for plan in (partial, synchronous):
@@ -178,7 +178,7 @@ def test_inconsistent_version_2_fields_are_rejected(tmp_path, mutate, message):
 
 
 def test_a_plan_chosen_by_measurement_gets_its_gain_and_a_note_below_the_floor():
-    plan = make_plan(gpu_with_cpu(), 100)  # floor b_p >= 25
+    plan = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=0.25)  # floor b_p >= 25
     update = measured_choice_update(plan, 10, ("tuned",))
     assert update["hiding"] == "full" and update["trade"] is None
     assert update["quality"].expected_gain.perturbation_fraction == 0.1

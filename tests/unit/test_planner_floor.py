@@ -16,14 +16,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asam_tune.costmodel import make_plan
-from asam_tune.costmodel.quality import DEFAULT_FLOORS, DEFAULT_RHO_RULE, USER_FLOOR_SOURCE
+from asam_tune.costmodel.quality import DEFAULT_FLOORS, DEFAULT_RHO_RULE, GAIN_TABLES, USER_FLOOR_SOURCE
 from asam_tune.errors import UserInputError
 from asam_tune.records.rho_rule import NO_RHO_RULE
 from tests.fixtures.costmodel_profiles import affine, cpu_only_profile, gpu_with_cpu, handover, profile
 
 
-def test_the_default_floor_forces_partial_hiding_by_hand():
+# A floor above what hides, so that the arithmetic by hand exercises partial hiding whatever the
+# shipped default floor is (test_the_default_floor_is_the_measured_one checks that one).
+QUARTER = 0.25
+
+
+def test_the_default_floor_is_the_measured_one():
     plan = make_plan(gpu_with_cpu(), 100)
+    value, source = DEFAULT_FLOORS["power"]
+    q = plan.quality
+    assert (q.min_perturbation_fraction, q.min_perturbation_batch_size) == (value, math.ceil(value * 100 - 1e-9))
+    assert q.floor_source == source and plan.rho_rule == DEFAULT_RHO_RULE
+    assert plan.perturbation_batch_size >= q.min_perturbation_batch_size
+
+
+def test_a_floor_above_what_hides_forces_partial_hiding_by_hand():
+    plan = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=QUARTER)
     # Floor 0.25 -> b_p >= 25. cpu/4t: T_pert(25) = 0.002 + 0.025 = 0.027 > T_main = 0.021: the main step
     # waits, step = max(0.021, 0.027 + 0) = 0.027. cpu/2t: 0.052, cpu/1t: 0.102. SAM: 0.041.
     assert plan.schema_version == 2
@@ -34,11 +48,12 @@ def test_the_default_floor_forces_partial_hiding_by_hand():
     assert plan.predictions.hidden_fraction == pytest.approx((0.041 - 0.027) / 0.020)
     assert plan.rho_rule == DEFAULT_RHO_RULE
     q = plan.quality
-    assert (q.min_perturbation_fraction, q.min_perturbation_batch_size) == (DEFAULT_FLOORS["power"][0], 25)
-    assert q.floor_source == DEFAULT_FLOORS["power"][1]
-    assert (q.expected_gain.perturbation_fraction, q.expected_gain.value, q.expected_gain.bound) == (0.25, 0.95,
-                                                                                                       "estimate")
-    assert "partially" in plan.verdict and "95%" in plan.verdict
+    assert (q.min_perturbation_fraction, q.min_perturbation_batch_size) == (QUARTER, 25)
+    assert q.floor_source == USER_FLOOR_SOURCE
+    gain = GAIN_TABLES["power"].at(0.25)
+    assert (q.expected_gain.perturbation_fraction, q.expected_gain.value, q.expected_gain.bound) == (
+        0.25, gain.value, gain.bound)
+    assert "partially" in plan.verdict and f"{gain.value:.0%}" in plan.verdict
     assert any("forces partial hiding" in n and "waits about 6 ms" in n for n in plan.notes)
     assert any("hiding the ascent fully would need b_p=17" in n for n in plan.notes)
     # The alternatives keep the floor too, partially hidden.
@@ -47,13 +62,12 @@ def test_the_default_floor_forces_partial_hiding_by_hand():
 
 
 def test_the_trade_shows_both_plans_and_why():
-    trade = make_plan(gpu_with_cpu(), 100).trade
+    trade = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=QUARTER).trade
     assert (trade.hides_fully.perturbation, trade.hides_fully.perturbation_batch_size,
             trade.hides_fully.hiding) == ("cpu/4t", 17, "full")
     assert trade.hides_fully.asam_step_s == pytest.approx(0.021)
-    # 0.17 lies between the measured 0.25 (95%) and 0.06 (89%): linear in log(b_p/B).
-    share = (math.log(0.17) - math.log(0.25)) / (math.log(0.06) - math.log(0.25))
-    assert trade.hides_fully.expected_gain.value == pytest.approx(0.95 - 0.06 * share, abs=1e-4)
+    # 0.17 lies between two measured fractions: linear in log(b_p/B) (test_quality.py checks how).
+    assert trade.hides_fully.expected_gain == GAIN_TABLES["power"].at(0.17)
     assert (trade.keeps_gain.perturbation_batch_size, trade.keeps_gain.hiding) == (25, "partial")
     assert trade.chosen == "keeps_gain"
     assert "forces partial hiding" in trade.reason and "\n" not in trade.reason
@@ -61,7 +75,7 @@ def test_the_trade_shows_both_plans_and_why():
 
 def test_the_handover_lengthens_the_partially_hidden_step():
     machine = profile(*gpu_with_cpu().devices, handovers=[handover("cuda:0", "cpu/4t", 0.002)])
-    plan = make_plan(machine, 100)
+    plan = make_plan(machine, 100, min_perturbation_fraction=QUARTER)
     # T_main = 0.021 + 0.002 = 0.023; the worker's cycle 0.027 + 0.002 = 0.029.
     assert (plan.perturbation.key, plan.perturbation_batch_size) == ("cpu/4t", 25)
     assert plan.predictions.asam_step_s == pytest.approx(0.029)
@@ -97,7 +111,7 @@ def test_asked_for_asynchronous_keeps_the_floor_and_notes_the_cost():
 def test_no_device_holds_the_floor_in_memory():
     machine = profile(affine("cuda:0", 0.01, 0.0001),
                       *(affine(f"cpu/{t}t", 0.002, 0.004 / t, oom_from=20) for t in (1, 2, 4)))
-    plan = make_plan(machine, 100)
+    plan = make_plan(machine, 100, min_perturbation_fraction=QUARTER)
     assert plan.mode == "synchronous" and "can hold b_p >= 25" in plan.verdict
     assert plan.trade.keeps_gain is None and plan.trade.hides_fully is not None
 
@@ -120,8 +134,8 @@ def test_rho_rule_none_has_its_own_floor_and_says_rho_stays():
 
 
 def test_the_rule_is_noted_with_its_factor_at_b_p():
-    plan = make_plan(gpu_with_cpu(), 100)
-    factor = (100 / 25) ** 0.2
+    plan = make_plan(gpu_with_cpu(), 100, min_perturbation_fraction=QUARTER)
+    factor = DEFAULT_RHO_RULE.factor(25, 100)
     assert any(f"rho x {factor:.2f} at b_p=25" in n for n in plan.notes)
 
 

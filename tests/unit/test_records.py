@@ -137,8 +137,9 @@ def test_the_shipped_profiles_are_written_back_as_they_were(path):
     if profile.schema_version == 1:
         stored.setdefault("handovers", [])
     assert written == stored
-    assert profile.machine_load is None
-    assert all(c.main_cores is None and c.busy_cores is None for c in profile.contention)
+    if "machine_load" not in stored:  # made before the profiler recorded the load: nothing invented
+        assert profile.machine_load is None
+        assert all(c.main_cores is None and c.busy_cores is None for c in profile.contention)
 
 
 def test_machine_load_and_contention_cores_round_trip(tmp_path):
