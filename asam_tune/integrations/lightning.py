@@ -83,6 +83,7 @@ class AsyncSAMCallback(Callback):
         options.positive_int("perturbation_batch_size", perturbation_batch_size)
         if staleness is not None:
             options.check_staleness(staleness)
+        options.check_device_form(perturbation_device)
         self._arguments = dict(rho=rho, plan=plan, perturbation_device=perturbation_device,
                                perturbation_batch_size=perturbation_batch_size, staleness=staleness,
                                compute_loss=compute_loss if compute_loss is not None else TrainingStepLoss(),
@@ -159,6 +160,12 @@ class AsyncSAMCallback(Callback):
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # A checkpoint saved after the exception (OnExceptionCheckpoint runs after this callback,
+        # or the user's trainer.save_checkpoint after Ctrl+C) must still hold AsyncSAM's state.
+        self._restore()
+        if self.sam is not None and not self.sam._closed:
+            with contextlib.suppress(Exception):  # mid-step: no consistent state to take
+                self._last_state = self._state_now()
         self._close()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

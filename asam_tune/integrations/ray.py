@@ -100,4 +100,8 @@ def placement(plan: Any = None, *, perturbation_device: str | None = None,
     torch.set_num_threads(max(1, cpus - used_by_others))
     if not cpu_worker:
         return {}
+    from asam_tune import affinity
+
+    if not affinity.can_pin():  # macOS: no affinity to keep the worker in; threads only
+        return {"threads": threads}
     return {"threads": threads, "cores": tuple(_allowed())}

@@ -160,7 +160,7 @@ class AsyncSAMCallback(TrainerCallback):
         if staleness is not None:
             checks.check_staleness(staleness)
         checks.positive_int("perturbation_batch_size", perturbation_batch_size)
-        checks.parse_device(perturbation_device)
+        checks.check_device_form(perturbation_device)
         checks.check_flag("adaptive", adaptive)
         if compute_loss is not None and not callable(compute_loss):
             raise UserInputError(f"Invalid compute_loss: {compute_loss!r:.80} (expected a callable(model, batch))")
@@ -248,7 +248,9 @@ class AsyncSAMCallback(TrainerCallback):
             warnings.warn(f"asam-tune: checkpoint folder {folder} not found; AsyncSAM state not saved",
                           RuntimeWarning, stacklevel=2)
             return
-        torch.save(self.sam.state_dict(), os.path.join(folder, STATE_FILE))
+        # The Trainer saves the optimizer itself (optimizer.pt): not a second copy here.
+        state = {key: value for key, value in self.sam.state_dict().items() if key != "base_optimizer"}
+        torch.save(state, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
@@ -265,7 +267,9 @@ class AsyncSAMCallback(TrainerCallback):
             warnings.warn(f"asam-tune: resuming at step {state.global_step} without {path}: the AsyncSAM state "
                           "(pending perturbation, statistics) starts afresh", RuntimeWarning, stacklevel=3)
             return
-        self.sam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # The optimizer state is the one the Trainer has just loaded from optimizer.pt.
+        self.sam.load_state_dict(dict(state, base_optimizer=self.sam.base_optimizer.state_dict()))
 
     def _fetch_wrapper(self, original: Any) -> Any:
         def get_batch_samples(epoch_iterator: Any, num_batches: int, device: Any) -> Any:

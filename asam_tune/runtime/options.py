@@ -19,9 +19,9 @@ from asam_tune.errors import FingerprintMismatchError, UserInputError
 from asam_tune.records.rho_rule import DEFAULT_RHO_RULE, NO_RHO_RULE, RhoRule
 from asam_tune.runtime.adaptation import AdaptationSettings
 
-__all__ = ["PlanSettings", "adaptation_settings", "check_inputs", "check_rho", "check_staleness", "load_plan",
-           "local_rank_from_env", "main_device_of", "one_batch", "parse_device", "plan_device", "positive_int",
-           "rho_rule_from", "settings_from_plan", "worker_placement"]
+__all__ = ["PlanSettings", "adaptation_settings", "check_device_form", "check_inputs", "check_rho", "check_staleness",
+           "load_plan", "local_rank_from_env", "main_device_of", "one_batch", "parse_device", "plan_device",
+           "positive_int", "rho_rule_from", "settings_from_plan", "worker_placement"]
 
 STALENESS_VALUES = (0, 1, "non_blocking")
 # Plan.mode -> staleness
@@ -298,6 +298,25 @@ def parse_device(value: Any, *, main_device: torch.device, local_rank: int | Non
             return parse_device("cuda", main_device=main_device, local_rank=local_rank, cuda_count=cuda_count)
         return _checked_cuda(value, device.index, cuda_count, "")
     raise UserInputError(f"Unsupported perturbation_device: {value!r} (expected {DEVICE_FORMS})")
+
+
+def check_device_form(value: Any) -> None:
+    """The form of a ``perturbation_device`` alone, before any model is known (the trainer
+    callbacks check their options when built); ``parse_device`` reads it against the model's."""
+    if value is None or isinstance(value, torch.device) and value.type in ("cpu", "cuda"):
+        return
+    if isinstance(value, Mapping):
+        for device in value.values():
+            check_device_form(device)
+        return
+    if isinstance(value, str) and (value == "cuda" or _RELATIVE_CUDA.match(value)):
+        return
+    try:
+        device = torch.device(value) if isinstance(value, str) else None
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"Invalid perturbation_device: {value!r:.80} (expected {DEVICE_FORMS})")
 
 
 def _checked_cuda(value: Any, index: int, cuda_count: int | None, where: str) -> torch.device:

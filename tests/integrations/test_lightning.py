@@ -241,9 +241,12 @@ def test_an_exception_in_training_closes_the_sam_and_unwraps_the_strategy():
     with pytest.raises(UserInputError, match="closed"):
         cb.sam.prefetch(next(iter(DataLoader(dataset(), batch_size=BATCH))))
     assert cb.stats().steps == 2
+    assert cb.state_dict()["step"] == 2  # a checkpoint saved after the exception still holds AsyncSAM's state
 
 
 def test_bad_options_fail_at_construction_in_one_line():
+    with pytest.raises(UserInputError, match="Invalid perturbation_device"):
+        AsyncSAMCallback(0.05, perturbation_device="tpu:0")
     with pytest.raises(UserInputError, match="unknown option.*lossfn"):
         AsyncSAMCallback(0.05, lossfn=F.cross_entropy)
     with pytest.raises(UserInputError, match="Invalid staleness"):

@@ -166,6 +166,7 @@ def test_save_and_resume_equals_the_straight_run(tmp_path):
     assert (checkpoint / STATE_FILE).is_file()
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     assert state["step"] == 4 and [p["serves_step"] for p in state["pending"]] == [4]
+    assert "base_optimizer" not in state  # the Trainer's optimizer.pt holds it: not a second copy
 
     # Resumed from a copy elsewhere, into another output_dir: the state comes from the folder given.
     moved = tmp_path / "moved" / "checkpoint-4"
