@@ -1,7 +1,8 @@
 """The training-time stage: ``AsyncSAM``, which drives a perturber (``asam_tune.perturbers``).
 
 Modules: ``async_sam`` (the class), ``options`` (plan and arguments), ``schedule`` (which
-result serves which step), ``failures`` (fallback), ``workers`` (which perturber),
+result serves which step), ``traffic`` (jobs handed over and collected, timed), ``lookahead``
+(the loader read one step ahead), ``failures`` (fallback), ``workers`` (which perturber),
 ``adaptation`` and ``adaptation_feed`` (online ``b_p``), ``checkpoint``, ``hooks``, ``stats``,
 ``distributed`` (several ranks), ``placement`` (the main process's cores).
 ``AsyncSAM`` is loaded on first use.
