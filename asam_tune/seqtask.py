@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from asam_tune.errors import UserInputError
+from asam_tune.workloads import encoder_blocks
 
 NUM_CLASSES = 10
 DIGITS = 10
@@ -100,11 +101,7 @@ class SequenceTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, length + 1, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        # A Sequential of layers, not nn.TransformerEncoder, as in workloads.VisionTransformer.
-        self.blocks = nn.Sequential(*(
-            nn.TransformerEncoderLayer(dim, heads, dim_feedforward=int(dim * mlp_ratio), dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(depth)))
+        self.blocks = encoder_blocks(dim, heads, mlp_ratio, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

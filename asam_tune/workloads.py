@@ -142,6 +142,18 @@ def resnet20(num_classes: int = 10) -> ResNetCIFAR:
     return ResNetCIFAR(blocks_per_stage=3, num_classes=num_classes)
 
 
+def encoder_blocks(dim: int, heads: int, mlp_ratio: float, depth: int) -> nn.Sequential:
+    """Pre-norm transformer encoder layers (GELU, no dropout), batch first.
+
+    A Sequential of layers rather than nn.TransformerEncoder: the latter warns about its
+    nested-tensor fast path with norm_first=True and adds nothing here.
+    """
+    return nn.Sequential(*(
+        nn.TransformerEncoderLayer(dim, heads, dim_feedforward=int(dim * mlp_ratio), dropout=0.0,
+                                   activation="gelu", batch_first=True, norm_first=True)
+        for _ in range(depth)))
+
+
 class VisionTransformer(nn.Module):
     """A plain pre-norm ViT (class token, learned positions) built from torch.nn layers."""
 
@@ -157,12 +169,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        # A Sequential of layers rather than nn.TransformerEncoder: the latter warns about its
-        # nested-tensor fast path with norm_first=True and adds nothing here.
-        self.blocks = nn.Sequential(*(
-            nn.TransformerEncoderLayer(dim, heads, dim_feedforward=int(dim * mlp_ratio), dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(depth)))
+        self.blocks = encoder_blocks(dim, heads, mlp_ratio, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -420,5 +427,5 @@ def model_state_fingerprint(model: nn.Module) -> str:
 __all__ = [
     "Workload", "BUILTINS", "builtin_names", "load_workload", "parse_shape", "describe", "parameter_shapes_hash",
     "model_state_fingerprint", "UserFactory", "MNIST1DCNN", "ResNetCIFAR", "BasicBlock",
-    "VisionTransformer", "resnet20", "vit_tiny",
+    "VisionTransformer", "encoder_blocks", "resnet20", "vit_tiny",
 ]

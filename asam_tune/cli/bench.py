@@ -10,7 +10,7 @@ import argparse
 from rich.console import Console
 
 from asam_tune import arguments as types
-from asam_tune.cli.commands import print_json, say, warn, warnings_only
+from asam_tune.cli.commands import load_checked_plan, print_json, say, warn, warnings_only
 from asam_tune.errors import UserInputError
 
 
@@ -30,16 +30,6 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              "overlap, and where the main step waited (needs the 'plot' extra)")
 
 
-def _load_plan(path: str | None, allow_other_machine: bool):
-    if path is None:
-        return None
-    from asam_tune import api
-
-    plan = api.load_plan(path)
-    api.check_machine(plan, allow_other_machine=allow_other_machine)
-    return plan
-
-
 def run_speed(args: argparse.Namespace) -> int:
     from asam_tune import api
     from asam_tune.bench.speed import markdown, run_speed_bench
@@ -47,7 +37,7 @@ def run_speed(args: argparse.Namespace) -> int:
     from asam_tune.workloads import load_workload
 
     spec, shape, classes = types.workload_spec(args)
-    plan = _load_plan(args.plan, args.allow_other_machine)
+    plan = load_checked_plan(args.plan, args.allow_other_machine)
     workload = load_workload(spec, input_shape=shape, num_classes=classes)
     if plan is None:
         import torch

@@ -17,6 +17,17 @@ from asam_tune.errors import RecordError, UserInputError
 _console = Console(stderr=True)
 
 
+def load_checked_plan(path: str | None, allow_other_machine: bool):
+    """The plan at ``path`` (None: no plan), refused if made on another machine unless allowed."""
+    if path is None:
+        return None
+    from asam_tune import api
+
+    plan = api.load_plan(path)
+    api.check_machine(plan, allow_other_machine=allow_other_machine)
+    return plan
+
+
 def print_json(document: object) -> None:
     print(json.dumps(document, indent=2, allow_nan=False))
 
@@ -217,5 +228,5 @@ def _plot_profile(record, path: str, plan_path: str | None) -> None:
     plot_profile(record, path, plan=None if plan_path is None else api.load_plan(plan_path))
 
 
-__all__ = ["add_plan_arguments", "add_profile_arguments", "add_show_arguments", "load_any", "print_json",
-           "run_plan", "run_profile", "run_show", "say", "show_record", "warn", "warnings_only"]
+__all__ = ["add_plan_arguments", "add_profile_arguments", "add_show_arguments", "load_any", "load_checked_plan",
+           "print_json", "run_plan", "run_profile", "run_show", "say", "show_record", "warn", "warnings_only"]

@@ -13,7 +13,7 @@ import json
 from rich.console import Console
 
 from asam_tune import arguments as types
-from asam_tune.cli.commands import print_json, say
+from asam_tune.cli.commands import load_checked_plan, print_json, say
 from asam_tune.errors import UserInputError
 
 WORKLOAD = "mnist1d-cnn"
@@ -46,16 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the results as JSON here (what finished, if interrupted)")
     parser.add_argument("--format", choices=("table", "json"), default="table",
                         help="print a table or the results as JSON on stdout (default: table)")
-
-
-def _load_plan(path: str | None, allow_other_machine: bool):
-    if path is None:
-        return None
-    from asam_tune import api
-
-    plan = api.load_plan(path)
-    api.check_machine(plan, allow_other_machine=allow_other_machine)
-    return plan
 
 
 def _main_placement(plan):
@@ -105,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         from asam_tune.records import check_writable
 
         check_writable(args.output)  # before minutes of training
-    plan = _load_plan(args.plan, args.allow_other_machine)
+    plan = load_checked_plan(args.plan, args.allow_other_machine)
     batch_size = args.batch_size or (plan.batch_size if plan is not None else 100)
     if plan is not None and plan.workload.name != args.workload:
         raise UserInputError(f"the plan is for workload {plan.workload.name!r}, not {args.workload!r}")

@@ -181,7 +181,22 @@ class _AcceptingCudart:
         return 0
 
 
-class RecordingLayer:
+class _ThreadStreams:
+    """The fake layers' current stream: per thread, as CUDA's is, set by ``on_stream``."""
+
+    _local: threading.local
+
+    @contextlib.contextmanager
+    def on_stream(self, stream: Any) -> Iterator[None]:
+        before = getattr(self._local, "stream", None)
+        self._local.stream = stream
+        try:
+            yield
+        finally:
+            self._local.stream = before
+
+
+class RecordingLayer(_ThreadStreams):
     """A fake CUDA layer for CPU tests: copies run at once, every operation is stamped.
 
     Each stream carries a vector clock (one counter per stream). An operation on a stream
@@ -222,15 +237,6 @@ class RecordingLayer:
     def new_stream(self, device: torch.device) -> FakeStream:
         with self._lock:
             return self._stream(f"side{next(self._names)}")
-
-    @contextlib.contextmanager
-    def on_stream(self, stream: FakeStream) -> Iterator[None]:
-        before = getattr(self._local, "stream", None)
-        self._local.stream = stream
-        try:
-            yield
-        finally:
-            self._local.stream = before
 
     def wait_stream(self, waiter: FakeStream, other: FakeStream) -> None:
         with self._lock:
@@ -337,7 +343,7 @@ class _HostStream:
             self._jobs.put(None)
 
 
-class HostThreadLayer:
+class HostThreadLayer(_ThreadStreams):
     """Streams as threads: the main stream is the caller itself, every other one a thread.
 
     What a CPU can show of the GPU path: work queued on a side stream leaves the main thread,
@@ -367,15 +373,6 @@ class HostThreadLayer:
         stream = _HostStream(f"side{len(self._streams) + 1}", threaded=True)
         self._streams.append(stream)
         return stream
-
-    @contextlib.contextmanager
-    def on_stream(self, stream: _HostStream) -> Iterator[None]:
-        before = getattr(self._local, "stream", None)
-        self._local.stream = stream
-        try:
-            yield
-        finally:
-            self._local.stream = before
 
     def wait_stream(self, waiter: _HostStream, other: _HostStream) -> None:
         self.wait_event(waiter, self.record(other))
