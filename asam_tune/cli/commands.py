@@ -13,6 +13,7 @@ from rich.console import Console
 
 from asam_tune import arguments as types
 from asam_tune.errors import RecordError, UserInputError
+from asam_tune.records.profile import ascent_dtype_name
 
 _console = Console(stderr=True)
 
@@ -60,6 +61,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=types.csv_ints, default=None, metavar="LIST",
                         help="batch sizes to measure (default: 8, 16, ..., 256; --quick: 8, 32, 128)")
     parser.add_argument("--quick", action="store_true", help="fewer points and shorter timings (about 2 minutes)")
+    parser.add_argument("--ascent-dtype", default=None, metavar="DTYPE",
+                        help="also time each candidate's ascent under autocast to bfloat16 or float16 (what "
+                             "AsyncSAM(ascent_dtype=...) runs); plans made from the profile use it")
     parser.add_argument("--output", "-o", required=True, metavar="PROFILE",
                         help="where to write the profile JSON")
     parser.add_argument("--format", choices=("table", "json", "none"), default="table",
@@ -74,6 +78,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
     check_writable(args.output)  # before minutes of measuring, not after
     spec, shape, classes = types.workload_spec(args)
+    ascent_dtype = ascent_dtype_name(args.ascent_dtype)  # a typo is one line now, not after minutes
     devices = args.devices
     if devices is None:
         import torch
@@ -89,7 +94,8 @@ def run_profile(args: argparse.Namespace) -> int:
             progress.update(task, description=update.message, completed=update.done, total=update.total)
 
         profile = measure(spec, devices=devices, cpu_threads=args.cpu_threads, batch_sizes=args.batch_sizes,
-                          quick=args.quick, input_shape=shape, num_classes=classes, progress=report)
+                          quick=args.quick, input_shape=shape, num_classes=classes, progress=report,
+                          ascent_dtype=ascent_dtype)
     save_or_keep(profile, args.output, "profile")
     show_record(profile, args.format)
     say(f"profile written to {args.output}")

@@ -88,16 +88,19 @@ def profile_tables(profile: Profile) -> list[Table]:
     points = Table(title="Forward+backward and optimizer step (medians)")
     for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy/busy"):
         points.add_column(column, justify="right" if column not in ("device", "status") else "left")
-    for entry in profile.devices:
-        for point in sorted(entry.points, key=lambda p: p.batch_size):
-            fb, opt = point.forward_backward, point.optimizer_step
-            rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
-            status = point.status if point.status != "error" else f"error: {point.error}"
-            noisy = ", ".join(flag for flag, present in (("noisy", (fb and fb.noisy) or (opt and opt.noisy)),
-                                                         ("busy", point.busy is not None)) if present)
-            points.add_row(entry.config.key, str(point.batch_size), status,
-                           _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
-                           _ms(opt.median_s if opt else None), noisy)
+    rows = [(entry.config.key, point) for entry in profile.devices
+            for point in sorted(entry.points, key=lambda p: p.batch_size)]
+    rows += [(f"{entry.config.key} ascent {profile.ascent_dtype}", point) for entry in profile.devices
+             for point in sorted(entry.ascent_points or (), key=lambda p: p.batch_size)]
+    for key, point in rows:
+        fb, opt = point.forward_backward, point.optimizer_step
+        rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
+        status = point.status if point.status != "error" else f"error: {point.error}"
+        noisy = ", ".join(flag for flag, present in (("noisy", (fb and fb.noisy) or (opt and opt.noisy)),
+                                                     ("busy", point.busy is not None)) if present)
+        points.add_row(key, str(point.batch_size), status,
+                       _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
+                       _ms(opt.median_s if opt else None), noisy)
     tables.append(points)
 
     if profile.transfers:
@@ -152,6 +155,8 @@ def plan_tables(plan) -> list[Table]:
     choice.add_row("perturbation", _pert_label(plan.perturbation))
     choice.add_row("perturbation batch (b_p)", str(plan.perturbation_batch_size))
     choice.add_row("mode", mode_text(plan.mode, plan.staleness))
+    if plan.ascent_dtype is not None:
+        choice.add_row("ascent dtype", f"{plan.ascent_dtype} (autocast; AsyncSAM uses it from this plan)")
     choice.add_row("hidden", plan.hiding or ("yes" if plan.feasible else "no"))
     if plan.quality is not None:
         choice.add_row("quality floor", _floor(plan))

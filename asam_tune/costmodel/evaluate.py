@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 from asam_tune.costmodel.candidates import Candidate
 from asam_tune.costmodel.curves import TimeCurve, fit_time_curve, optimizer_step_spread_s, optimizer_step_time_s
-from asam_tune.records.profile import DeviceConfig, Profile
+from asam_tune.records.profile import DeviceConfig, DeviceProfile, Profile
 
 # Relative slack when comparing times: exact hand-computed boundaries count as fitting.
 _EPS = 1e-9
@@ -52,6 +52,8 @@ class DeviceModel:
     curve: TimeCurve
     optimizer_s: float
     optimizer_spread_s: float
+    # Forward+backward under autocast to the profile's ascent_dtype (None: not measured).
+    ascent_curve: TimeCurve | None = None
 
     def step_s(self, batch: int) -> float:
         """One SGD step on this configuration alone."""
@@ -61,8 +63,19 @@ class DeviceModel:
 def device_models(profile: Profile) -> dict[str, DeviceModel]:
     """A fitted model for every configuration with at least one successful timing."""
     return {d.config.key: DeviceModel(d.config, fit_time_curve(d), optimizer_step_time_s(d),
-                                      optimizer_step_spread_s(d))
+                                      optimizer_step_spread_s(d), _ascent_curve(d))
             for d in profile.devices if d.ok_points()}
+
+
+def _ascent_curve(d: DeviceProfile) -> TimeCurve | None:
+    return fit_time_curve(d.model_copy(update={"points": d.ascent_points})) if d.ascent_ok_points() else None
+
+
+def perturbation_model(models: dict[str, DeviceModel], key: str) -> DeviceModel:
+    """Configuration ``key`` as the perturbation device: its curve is the ascent's, measured in
+    the ascent's dtype when the profile did, else its own (the parameters' dtype)."""
+    model = models[key]
+    return model if model.ascent_curve is None else replace(model, curve=model.ascent_curve)
 
 
 @dataclass(frozen=True)
@@ -154,13 +167,13 @@ def _perturbation_slowdown(candidate: Candidate) -> float:
 
 def perturbation_time_s(candidate: Candidate, models: dict[str, DeviceModel], batch: int) -> float:
     """T_pert(b): the ascent's forward+backward on the perturbation device plus both transfers."""
-    curve = models[candidate.perturbation.key].curve
+    curve = perturbation_model(models, candidate.perturbation.key).curve
     return curve.time_s(batch) * _perturbation_slowdown(candidate) + candidate.transfer.total_s
 
 
 def largest_perturbation_batch(candidate: Candidate, models: dict[str, DeviceModel], batch_size: int) -> int:
     """The largest b_p the perturbation device may be given: B, or below its first OOM."""
-    memory_limit = models[candidate.perturbation.key].curve.largest_fitting_batch
+    memory_limit = perturbation_model(models, candidate.perturbation.key).curve.largest_fitting_batch
     return batch_size if memory_limit is None else min(batch_size, memory_limit)
 
 
@@ -171,7 +184,7 @@ def at_least(e: Evaluation, models: dict[str, DeviceModel], batch_size: int, min
         return e
     if minimum > largest_perturbation_batch(e.candidate, models, batch_size):
         return None
-    pert = models[e.candidate.perturbation.key]
+    pert = perturbation_model(models, e.candidate.perturbation.key)
     return replace(e, perturbation_batch_size=minimum, staleness=1, partial=True,
                    perturbation_time_s=perturbation_time_s(e.candidate, models, minimum),
                    perturbation_uncertainty_s=pert.curve.uncertainty_s(minimum) + e.candidate.transfer.spread_s)
@@ -181,7 +194,7 @@ def evaluate(candidate: Candidate, models: dict[str, DeviceModel], batch_size: i
              base: Baseline) -> Evaluation | None:
     """Predictions for one candidate; None when it cannot run a single sample (out of memory)."""
     main = models[candidate.main.key]
-    pert = models[candidate.perturbation.key]
+    pert = perturbation_model(models, candidate.perturbation.key)
     transfer = candidate.transfer.total_s
     # The runtime copies to and from a CPU worker's shared memory on a copy stream; only
     # pageable memory (page-locking failed) makes the host, and so the main step, wait for them.

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from asam_tune import __version__
 from asam_tune.costmodel.analysis import Analysis, analyse
 from asam_tune.costmodel.candidates import Candidate, CoreBudget, main_cores_of
-from asam_tune.costmodel.evaluate import Evaluation
+from asam_tune.costmodel.evaluate import Evaluation, perturbation_model
 from asam_tune.costmodel.memory import parameter_bytes
 from asam_tune.costmodel.plausibility import ImplausiblePlanError, findings, profile_load
 from asam_tune.costmodel.quality import GAIN_TABLES, Floor, gain_text, resolve_floor, rho_rule_named
@@ -91,7 +91,7 @@ def _ms(seconds: float) -> str:
 def _notes_for(a: Analysis, e: Evaluation) -> list[str]:
     """Every assumption behind the chosen evaluation's numbers."""
     c, notes = e.candidate, []
-    main_model, pert_model = a.models[c.main.key], a.models[c.perturbation.key]
+    main_model, pert_model = a.models[c.main.key], perturbation_model(a.models, c.perturbation.key)
     if c.contention == "assumed":
         notes.append(f"the slowdown of {c.main.key} while {c.perturbation.key} computes was not measured: "
                      f"assumed none (1.0)")
@@ -104,6 +104,7 @@ def _notes_for(a: Analysis, e: Evaluation) -> list[str]:
     elif c.transfer.source == "measured":
         notes.append(f"transfer times are those measured between {c.main.device} and {c.perturbation.device}")
     notes.extend(_handover_notes(c))
+    notes.extend(_ascent_dtype_notes(a.profile, c, a.models[c.perturbation.key].ascent_curve is not None))
     if main_model.curve.is_extrapolated(a.batch_size):
         notes.append(f"B={a.batch_size} is beyond the largest batch measured on {c.main.key} "
                      f"({main_model.curve.batch_sizes[-1]}): its time is extrapolated")
@@ -120,6 +121,17 @@ def _notes_for(a: Analysis, e: Evaluation) -> list[str]:
         notes.append(f"b_p is {e.perturbation_batch_size / a.batch_size:.0%} of B: the ascent direction comes "
                      f"from few samples")
     return notes
+
+
+def _ascent_dtype_notes(profile: Profile, c: Candidate, measured: bool) -> list[str]:
+    dtype = profile.ascent_dtype
+    if dtype is None:
+        return []
+    if measured:
+        return [f"the ascent's times on {c.perturbation.key} were measured with its forward under autocast to "
+                f"{dtype}, as AsyncSAM runs it from this plan"]
+    return [f"the ascent on {c.perturbation.key} was not measured in {dtype}: its times are those of the "
+            f"parameters' dtype"]
 
 
 def _handover_notes(c: Candidate) -> list[str]:
@@ -267,7 +279,7 @@ def plan_from_analysis(a: Analysis, *, asynchronous: bool = False, min_perturbat
                 batch_size=a.batch_size, reserved_cores=a.budget.reserved, nproc_per_node=a.nproc_per_node,
                 margin=a.margin, notes=tuple(notes), rho_rule=rule, quality=quality,
                 trade=trade(a, floor, rule, hides_fully, keeps_gain, chosen, asynchronous), profile_load=load,
-                **fields)
+                ascent_dtype=a.profile.ascent_dtype, **fields)
 
 
 def make_plan(profile: Profile, batch_size: int, *, main_device: str | None = None, margin: float = 0.05,

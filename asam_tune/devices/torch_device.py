@@ -50,10 +50,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 class TorchComputeDevice:
-    """Forward+backward and optimizer steps of ``workload`` on ``config.device``."""
+    """Forward+backward and optimizer steps of ``workload`` on ``config.device``.
+
+    ``autocast_dtype`` ('bfloat16', 'float16'): the forward runs under ``torch.autocast`` to that
+    dtype, as an ascent with ``AsyncSAM(ascent_dtype=...)`` does; the loss and the backward as
+    autocast leaves them.
+    """
 
     def __init__(self, workload: Workload, config: DeviceConfig, *, model: nn.Module | None = None,
-                 optimizer: Callable[..., torch.optim.Optimizer] = default_optimizer, seed: int = 0):
+                 optimizer: Callable[..., torch.optim.Optimizer] = default_optimizer, seed: int = 0,
+                 autocast_dtype: str | None = None):
         if config.device.startswith("fake:"):
             raise ValueError(f"{config.device!r} is a fake device; use devices.fake.FakeDevice")
         self.config = config
@@ -67,6 +73,7 @@ class TorchComputeDevice:
         self._dtype = torch.float32
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._broken: str | None = None
+        self._autocast = None if autocast_dtype is None else getattr(torch, autocast_dtype)
 
     # -- the ComputeDevice protocol -----------------------------------------------------------
 
@@ -116,7 +123,11 @@ class TorchComputeDevice:
             self._not_prepared()
         x, y = self._batch
         self._model.zero_grad(set_to_none=True)
-        loss = self.workload.loss_fn(self._model(x), y)
+        if self._autocast is None:
+            loss = self.workload.loss_fn(self._model(x), y)
+        else:
+            with torch.autocast(self.device.type, dtype=self._autocast):
+                loss = self.workload.loss_fn(self._model(x), y)
         loss.backward()
 
     def _not_prepared(self) -> None:

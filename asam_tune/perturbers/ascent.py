@@ -23,8 +23,9 @@ ASCENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_ascent_dtype(value: Any) -> torch.dtype | None:
-    """None, ``torch.bfloat16`` or ``torch.float16`` (or their names); anything else is refused."""
-    if value is None:
+    """None, ``torch.bfloat16`` or ``torch.float16`` (or their names); ``"parameters"`` is None
+    said explicitly (it overrides a plan's dtype); anything else is refused."""
+    if value is None or value == "parameters":
         return None
     if isinstance(value, str):
         found = ASCENT_DTYPES.get(value.removeprefix("torch."))
@@ -33,7 +34,8 @@ def check_ascent_dtype(value: Any) -> torch.dtype | None:
     if found is None:
         from asam_tune.errors import UserInputError
 
-        raise UserInputError(f"Invalid ascent_dtype: {value!r} (need None, torch.bfloat16 or torch.float16)")
+        raise UserInputError(f"Invalid ascent_dtype: {value!r} (need None, 'parameters', torch.bfloat16 or "
+                             f"torch.float16)")
     return found
 
 

@@ -11,7 +11,8 @@ Protocol: the parent writes one JSON request line to stdin; the probe answers wi
 event per line on its stdout (anything else that writes to stdout, e.g. a library warning,
 is redirected to stderr so it cannot corrupt the protocol). Modes:
 
-  sweep  {"event": "point", "point": BatchPoint} per batch size, then "done". With
+  sweep  {"event": "point", "point": BatchPoint} per batch size, then "done" (with
+         "autocast": "bfloat16" the forward runs under autocast, as a low-precision ascent). With
          "serve": true the probe then stays up as the main device's server: it measures the
          weight transfers, the handover to a CPU worker and whole training steps when asked
          (see ``_serve``).
@@ -80,7 +81,7 @@ def _device(request: dict):
     workload = load_workload(spec["spec"], input_shape=tuple(shape) if shape else None,
                              num_classes=spec.get("num_classes"))
     config = DeviceConfig.model_validate_json(json.dumps(request["config"]))
-    return TorchComputeDevice(workload, config)
+    return TorchComputeDevice(workload, config, autocast_dtype=request.get("autocast"))
 
 
 def _run_sweep(request: dict, channel: _Channel) -> None:

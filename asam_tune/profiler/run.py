@@ -9,6 +9,11 @@ the contention step):
 4. handovers: the main probe hands jobs to a real CPU worker on each CPU candidate's cores;
 5. contention: the main probe's step alone and while each candidate is busy.
 
+With ``ascent_dtype`` (the dtype ``AsyncSAM(ascent_dtype=...)`` will run the ascent in), every
+perturbation candidate is swept once more after step 2 with its forward under autocast to that
+dtype (``DeviceProfile.ascent_points``), and the candidates are busy under it in step 5: the
+main step's own points stay in the parameters' dtype.
+
 The machine's load averages are read before step 1 and after step 5 and recorded; a busy
 machine (another job) is reported as a warning, and the profile goes on. Around every point of
 the sweeps ``busy.BusyMonitor`` looks for another asam-tune job and for other processes on the
@@ -37,7 +42,7 @@ from asam_tune.profiler.contention import BusyCandidate, measure_contention, rep
 from asam_tune.profiler.machine_load import LoadSource, LoadWatch, end_warning
 from asam_tune.profiler.probe_process import ProbeFailed, ProbeProcess
 from asam_tune.profiler.sweep import QUICK_BATCH_SIZES, check_batch_sizes, geometric_batch_sizes
-from asam_tune.records.profile import (BatchPoint, DeviceConfig, DeviceProfile, HandoverPoint, Profile,
+from asam_tune.records.profile import (BatchPoint, ascent_dtype_name, DeviceConfig, DeviceProfile, HandoverPoint, Profile,
                                       ProfileSettings, TimingStats, TransferPoint)
 from asam_tune.timing import MeasureSettings
 
@@ -153,6 +158,12 @@ class _Layout:
         """Every configuration the perturbation could run on (the transfer targets)."""
         cpu = [c for c in self.configs if c.is_cpu]
         return tuple(cpu + [c for c in self.configs if not c.is_cpu and c != self.main])
+
+    @property
+    def ascent_candidates(self) -> tuple[DeviceConfig, ...]:
+        """The configurations an ascent may run on: the candidates, and a GPU main's own (its stream)."""
+        own = () if self.main.is_cpu else (self.main,)
+        return own + self.candidates
 
     @property
     def cpu_workers(self) -> tuple[DeviceConfig, ...]:
@@ -285,7 +296,8 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
                 progress: Callable[[ProgressUpdate], None] | None = None,
                 settings: MeasureSettings | None = None,
                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
-                load_average: LoadSource | None = None, busy_monitor: BusyMonitor | None = None) -> Profile:
+                load_average: LoadSource | None = None, busy_monitor: BusyMonitor | None = None,
+                ascent_dtype: str | None = None) -> Profile:
     """Measure ``workload_spec`` on ``devices`` and return the profile (nothing is written).
 
     ``cpu_threads`` defaults to 1, 2, 4, ... up to the usable cores; ``batch_sizes`` to
@@ -295,12 +307,14 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
     ``load_average`` replaces ``os.getloadavg`` (tests); a busy machine is reported to
     ``progress`` as a warning at the start and at the end, and recorded in ``machine_load``.
     ``busy_monitor`` (default: the real one) watches each sweep point; see ``busy.py``.
+    ``ascent_dtype`` ('bfloat16', 'float16'): also measure the candidates' ascent in it.
     """
     from asam_tune.profiler.transfers import trainable_numel_and_dtype
     from asam_tune.workloads import describe, load_workload
 
     device_names = parse_devices(devices)
     _check_cuda(device_names)
+    ascent_dtype = ascent_dtype_name(ascent_dtype)
     if batch_sizes is not None:
         sizes = check_batch_sizes(batch_sizes)
     else:
@@ -319,8 +333,9 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
                      "min_repeats": settings.min_repeats, "max_repeats": settings.max_repeats,
                      "noise_threshold": settings.noise_threshold},
     }
-    tracker = _Progress(progress, total=len(layout.configs) * len(sizes) + 1 + len(layout.cpu_workers)
-                        + len(layout.busy))
+    ascent_configs = layout.ascent_candidates if ascent_dtype is not None else ()
+    tracker = _Progress(progress, total=(len(layout.configs) + len(ascent_configs)) * len(sizes) + 1
+                        + len(layout.cpu_workers) + len(layout.busy))
 
     # After every check of the user's input (a mistake is one error line, not a warning and an
     # error), right before the first probe starts.
@@ -340,13 +355,19 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
             if index == 0:
                 main_probe = probe
             profiles[config.key] = DeviceProfile(config=config, points=tuple(points))
+        ascent_request = {**request, "autocast": ascent_dtype}
+        for config in ascent_configs:
+            tracker.say(f"{config.key}: the ascent under autocast to {ascent_dtype}")
+            points, _ = _sweep_watched(config, ascent_request, sizes, probe_timeout_s, tracker, monitor, serve=False)
+            profiles[config.key] = profiles[config.key].model_copy(update={"ascent_points": tuple(points)})
 
         tracker.say("transfers: weights to each candidate device and back")
         transfers = _transfers(layout, main_probe, weights, probe_timeout_s, tracker)
         handovers = _handovers(layout, main_probe, probe_timeout_s, tracker)
 
         limit = QUICK_CONTENTION_MAX_BATCH if quick else CONTENTION_MAX_BATCH
-        contention = _contention(layout, profiles, main_probe, request, probe_timeout_s, tracker, limit)
+        busy_request = ascent_request if ascent_dtype is not None else request
+        contention = _contention(layout, profiles, main_probe, busy_request, probe_timeout_s, tracker, limit)
     finally:
         if main_probe is not None:
             main_probe.close()
@@ -367,7 +388,9 @@ def run_profile(workload_spec: str, *, devices: Iterable[str] = ("cpu",), cpu_th
         contention=tuple(contention),
         handovers=tuple(handovers),
         machine_load=machine_load,
+        ascent_dtype=ascent_dtype,
     )
+
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ Layout (schema_version 2)::
       trade                               the plan that hides fully against the one that keeps the
                                           gain, and which was chosen and why (None: not planned)
       profile_load                        whether the profile was measured on a busy machine
+      ascent_dtype                        optional: the autocast dtype the ascent was measured and
+                                          is to run in (AsyncSAM's ascent_dtype; absent: the
+                                          parameters' dtype)
 
 Version 1 files (no rho_rule, quality, hiding, trade or profile_load) load as they are: they
 read as rho_rule "none" and no floor, today's behaviour before version 2, and are written back
@@ -35,7 +38,7 @@ from pydantic import (
 
 from asam_tune.records.base import Record
 from asam_tune.records.fingerprint import Fingerprint
-from asam_tune.records.profile import DeviceConfig, MachineLoad, WorkloadDescriptor
+from asam_tune.records.profile import AscentDtype, DeviceConfig, MachineLoad, WorkloadDescriptor
 from asam_tune.records.rho_rule import NO_RHO_RULE, RhoRule
 
 PLAN_SCHEMA_VERSION = 2
@@ -201,13 +204,13 @@ class ProfileLoad(Record):
 
 
 # Fields a version-1 plan does not have: it may not carry them, and it is written without them.
-_VERSION_2_FIELDS = ("rho_rule", "quality", "hiding", "trade", "profile_load")
+_VERSION_2_FIELDS = ("rho_rule", "quality", "hiding", "trade", "profile_load", "ascent_dtype")
 
 
 class Plan(Record):
     """The cost model's decision for one batch size on one profiled machine."""
 
-    omit_when_none = frozenset({"quality", "hiding", "trade", "profile_load"})
+    omit_when_none = frozenset({"quality", "hiding", "trade", "profile_load", "ascent_dtype"})
 
     # 1: before the quality floor and the rho rule; still read, never written by the planner.
     schema_version: Literal[1, 2] = PLAN_SCHEMA_VERSION
@@ -244,6 +247,8 @@ class Plan(Record):
     hiding: Hiding | None = None
     trade: Trade | None = None
     profile_load: ProfileLoad | None = None
+    # The ascent's autocast dtype the plan's times assume (from the profile); None: the parameters'.
+    ascent_dtype: AscentDtype | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> Any:

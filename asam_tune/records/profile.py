@@ -17,6 +17,10 @@ Layout (schema_version 2)::
                            cores to compare them with, and the profiler's own share of the end
       points[].busy        optional: why a point's timings are suspect (another job used its
                            cores while it was measured, and again when it was measured again)
+      ascent_dtype         optional: the autocast dtype the ascent will run in (AsyncSAM's
+                           ``ascent_dtype``), when the profile was asked to measure it
+        devices[].ascent_points   then: each perturbation candidate's points again, its
+                           forward+backward under autocast to that dtype (what the worker runs)
 
 Version 1 files (no handovers) load as they are: schema_version stays 1, so their content
 hash, which plans record, does not change. The optional fields (machine_load, the contention
@@ -30,6 +34,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
+from asam_tune.errors import UserInputError
 from asam_tune.records.base import Record
 from asam_tune.records.fingerprint import Fingerprint
 
@@ -97,12 +102,39 @@ class BatchPoint(Record):
         return self
 
 
+# The dtypes an ascent may run in besides the parameters' own (AsyncSAM's ``ascent_dtype``).
+AscentDtype = Literal["bfloat16", "float16"]
+_ASCENT_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                       "half": "float16"}
+
+
+def ascent_dtype_name(name: object) -> AscentDtype | None:
+    """None, 'bfloat16' or 'float16' from what a user may write ('bf16', 'fp16', 'torch.bfloat16',
+    or a torch dtype); anything else is a user error naming the choices."""
+    if name is None:
+        return None
+    text = str(name).strip().lower().removeprefix("torch.")
+    if text not in _ASCENT_DTYPE_NAMES:
+        raise UserInputError(f"unknown ascent dtype {name!r}: expected bfloat16 or float16 (or None for the "
+                             f"parameters' dtype)")
+    return _ASCENT_DTYPE_NAMES[text]  # type: ignore[return-value]
+
+
 class DeviceProfile(Record):
+    # Optional, added later: left out of the file while None (older files keep their hash).
+    omit_when_none = frozenset({"ascent_points"})
+
     config: DeviceConfig
     points: tuple[BatchPoint, ...]
+    # The same sweep with forward+backward under autocast to the profile's ``ascent_dtype``:
+    # what this configuration takes as the perturbation device. None: not measured.
+    ascent_points: tuple[BatchPoint, ...] | None = None
 
     def ok_points(self) -> list[BatchPoint]:
         return sorted((p for p in self.points if p.status == "ok"), key=lambda p: p.batch_size)
+
+    def ascent_ok_points(self) -> list[BatchPoint]:
+        return sorted((p for p in self.ascent_points or () if p.status == "ok"), key=lambda p: p.batch_size)
 
 
 class TransferPoint(Record):
@@ -188,7 +220,7 @@ class ProfileSettings(Record):
 
 
 class Profile(Record):
-    omit_when_none = frozenset({"machine_load"})
+    omit_when_none = frozenset({"machine_load", "ascent_dtype"})
 
     # 1: before handovers were measured; still read, never written.
     schema_version: Literal[1, 2] = PROFILE_SCHEMA_VERSION
@@ -203,11 +235,19 @@ class Profile(Record):
     contention: tuple[ContentionPoint, ...] = ()
     handovers: tuple[HandoverPoint, ...] = ()
     machine_load: MachineLoad | None = None  # None: not recorded (a profile written before it was)
+    # The ascent's autocast dtype the devices' ascent_points were measured in (None: the
+    # parameters' dtype, as the points themselves).
+    ascent_dtype: AscentDtype | None = None
 
     @model_validator(mode="after")
     def _version_2_fields_need_version_2(self) -> "Profile":
+        with_ascent = [d.config.key for d in self.devices if d.ascent_points is not None]
+        if with_ascent and self.ascent_dtype is None:
+            raise ValueError(f"{with_ascent[0]} has ascent_points but the profile has no ascent_dtype")
         if self.schema_version != 1:
             return self
+        if self.ascent_dtype is not None:
+            raise ValueError("a version-1 profile has no ascent_dtype; it needs schema_version 2")
         if self.handovers:
             raise ValueError("a version-1 profile has no handovers; handovers need schema_version 2")
         if self.machine_load is not None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from asam_tune.errors import UserInputError
-from asam_tune.perturbers.ascent import _as_loss, check_ascent_dtype, job_seed, parameters_at, perturbed_indices
+from asam_tune.perturbers.ascent import _as_loss, check_ascent_dtype, job_seed, parameters_at
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult
 from asam_tune.perturbers.batches import OutputTargetLoss, batch_size_of, slice_batch, tensor_ids
 from asam_tune.perturbers.state_sync import StructureWatch, structure_key
@@ -88,10 +88,11 @@ class AsyncSAM:
             for a plan at staleness 1.
         record_timeline: keep the start and end of every step, handover, wait and job.
         clock: the timer adaptation reads (seconds).
-        ascent_dtype: None (the parameters' dtype), ``torch.bfloat16`` or ``torch.float16``:
-            the ascent's forward runs under autocast in that dtype in every worker (autocast is
-            per thread, so a descent under autocast does not carry over); the gradient norm
-            and the scale stay fp32, the perturbation has the parameters' dtype.
+        ascent_dtype: ``torch.bfloat16`` or ``torch.float16``: the ascent's forward runs under
+            autocast in that dtype in every worker (autocast is per thread, so a descent under
+            autocast does not carry over); the gradient norm and the scale stay fp32, the
+            perturbation has the parameters' dtype. None: the plan's (the dtype its times were
+            measured in), else the parameters' dtype; ``"parameters"``: the parameters' always.
         nvtx: NVTX ranges (``torch.cuda.nvtx``) around each main step, handover and ascent
             job, for an ``nsys`` timeline; nothing happens where CUDA is absent.
     """
@@ -111,11 +112,12 @@ class AsyncSAM:
         options.check_inputs(model, base_optimizer, loss_fn, compute_loss, on_worker_failure, clock, seed,
                              perturber)
         self.adaptive = options.check_flag("adaptive", adaptive)
-        self.ascent_dtype = check_ascent_dtype(ascent_dtype)
+        check_ascent_dtype(ascent_dtype)
         self.nvtx = options.check_flag("nvtx", nvtx)
         options.check_flag("allow_other_machine", allow_other_machine)
         plan_record = options.load_plan(plan, allow_other_machine) if plan is not None else None
         settings = options.settings_from_plan(plan_record) if plan_record is not None else options.PlanSettings()
+        self.ascent_dtype = check_ascent_dtype(ascent_dtype if ascent_dtype is not None else settings.ascent_dtype)
         cores_given = cores is not None
         device, threads, cores = options.worker_placement(
             settings, perturbation_device, threads, cores, perturber,

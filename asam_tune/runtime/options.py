@@ -45,6 +45,7 @@ class PlanSettings:
     main_cores: int | None = None
     reserved_cores: int = 0
     nproc_per_node: int | None = None
+    ascent_dtype: str | None = None  # the autocast dtype the plan's ascent times were measured in
 
 
 def load_plan(plan: Any, allow_other_machine: bool) -> Any:
@@ -91,6 +92,7 @@ def settings_from_plan(plan: Any) -> PlanSettings:
         main_cores=getattr(plan, "main_cores", None),
         reserved_cores=getattr(plan, "reserved_cores", 0),
         nproc_per_node=getattr(plan, "nproc_per_node", None),
+        ascent_dtype=getattr(plan, "ascent_dtype", None),
     )
 
 

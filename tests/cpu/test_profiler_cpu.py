@@ -15,6 +15,7 @@ from asam_tune.devices import DeviceBroken, OutOfMemory
 from asam_tune.devices.torch_device import TorchComputeDevice, is_fatal_device_error, is_out_of_memory
 from asam_tune.errors import UserInputError, WorkloadError
 from asam_tune.fingerprint import usable_core_ids
+from asam_tune.costmodel import make_plan
 from asam_tune.profiler import run_profile
 from asam_tune.profiler.machine_load import end_warning, read_load_average, start_warning
 from asam_tune.profiler.probe_process import ProbeProcess, probe_environment
@@ -253,8 +254,10 @@ def test_a_quick_cpu_profile_end_to_end(tmp_path):
         loads.append(read_load_average())
         return loads[-1]
 
+    # With an ascent dtype: the candidates are swept once more under autocast (the CLI's and the
+    # README's runs cover a profile without one).
     profile = run_profile("mnist1d-cnn", quick=True, batch_sizes=[4, 8], progress=updates.append,
-                          load_average=real_load_average)
+                          load_average=real_load_average, ascent_dtype="bf16")
     cores = usable_core_ids()
     keys = [d.config.key for d in profile.devices]
     assert keys[0] == f"cpu/{max(1, len(cores) // 2)}t"  # the main device comes first
@@ -291,6 +294,13 @@ def test_a_quick_cpu_profile_end_to_end(tmp_path):
     assert profile.schema_version == 2 and profile.handovers
     assert all(h.main == keys[0] and h.perturbation.startswith("cpu/") for h in profile.handovers)
     assert updates[-1].done == updates[-1].total
+    # On this CPU-only machine every configuration is a candidate: each is timed again under autocast.
+    assert profile.ascent_dtype == "bfloat16"
+    for entry in profile.devices:
+        assert [p.batch_size for p in entry.ascent_points] == [4, 8]
+        assert all(p.status == "ok" for p in entry.ascent_points) and entry.ascent_points != entry.points
+    plan = make_plan(profile, 8, asynchronous=True, min_perturbation_fraction=None)
+    assert plan.ascent_dtype == "bfloat16" and any("under autocast to bfloat16" in n for n in plan.notes)
     # Validates and round-trips through the file format.
     path = tmp_path / "profile.json"
     dump_record(profile, path)
@@ -304,6 +314,8 @@ def test_user_mistakes_are_refused_before_anything_runs():
         run_profile("no-such-model")
     with pytest.raises(UserInputError, match="-8"):
         run_profile("mnist1d-cnn", batch_sizes=[-8])
+    with pytest.raises(UserInputError, match="unknown ascent dtype 'int8'"):
+        run_profile("mnist1d-cnn", ascent_dtype="int8")
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match="'cuda:0' is not available"):
             run_profile("mnist1d-cnn", devices=["cpu", "cuda:0"])

@@ -186,3 +186,22 @@ def test_tune_warns_when_its_baseline_is_far_from_the_profiles(tmp_path, monkeyp
         (tmp_path / name).unlink(missing_ok=True)
     _tune(tmp_path, monkeypatch, quiet)
     assert "SGD's step measured" not in capsys.readouterr().err
+
+
+def test_profile_ascent_dtype_reaches_the_profiler_and_a_bad_one_is_one_line_before_measuring(tmp_path, monkeypatch,
+                                                                                               capsys):
+    seen = []
+
+    def fake_run_profile(*args, **kwargs):
+        seen.append(kwargs["ascent_dtype"])
+        return small_profile()
+
+    monkeypatch.setattr(profiler_run, "run_profile", fake_run_profile)
+    target = tmp_path / "profile.json"
+    assert main(["profile", "--devices", "cpu", "--quick", "--ascent-dtype", "fp8", "-o", str(target),
+                 "--format", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown ascent dtype 'fp8'" in err[0] and seen == [] and not target.exists()
+    assert main(["profile", "--devices", "cpu", "--quick", "--ascent-dtype", "bf16", "-o", str(target),
+                 "--format", "none"]) == 0
+    assert seen == ["bfloat16"]
