@@ -75,6 +75,9 @@ class Handover:
     source: Source
     # The (main, worker) keys of the measurement used: another pair's when this one's is missing.
     measured_for: tuple[str, str] | None = None
+    # Measured with the weights on an accelerator: the copy-stream path's waits of the main
+    # stream are in it (and, with pageable memory, the copies that block the host).
+    on_accelerator: bool = False
 
 
 NO_HANDOVER = Handover(0.0, 0.0, "not_applicable")
@@ -133,7 +136,9 @@ def find_handover(profile: Profile, main: DeviceConfig, perturbation: DeviceConf
     if not matches:
         return Handover(0.0, 0.0, "assumed")
     point = matches[0]
-    return Handover(point.per_step.median_s, point.per_step.iqr_s, "measured", (point.main, point.perturbation))
+    on_accelerator = point.weights_on is not None and device_of(point.weights_on) != "cpu"
+    return Handover(point.per_step.median_s, point.per_step.iqr_s, "measured", (point.main, point.perturbation),
+                    on_accelerator)
 
 
 def find_slowdown(profile: Profile, main: DeviceConfig, perturbation: DeviceConfig,

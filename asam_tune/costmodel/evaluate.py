@@ -17,7 +17,9 @@ alone.
 
 handover is the main process's fixed cost per step of using a CPU worker process (submit,
 collect, keep/perturb/restore; the profile's HandoverPoint, see candidates.find_handover); 0
-for an accelerator's worker. Being on the main step's path it lengthens T_main, and with it
+for an accelerator's worker. Measured from a GPU's weights (``weights_on``), it holds what the
+main stream waits for on the copy-stream path (the gather, the result's copy up), and the
+pageable copies too when page-locking failed: those are then not added again. Being on the main step's path it lengthens T_main, and with it
 the budget.
 
 slowdown_pert is the measured slowdown too when main and perturbation both compute on the CPU
@@ -197,9 +199,10 @@ def evaluate(candidate: Candidate, models: dict[str, DeviceModel], batch_size: i
     pert = perturbation_model(models, candidate.perturbation.key)
     transfer = candidate.transfer.total_s
     # The runtime copies to and from a CPU worker's shared memory on a copy stream; only
-    # pageable memory (page-locking failed) makes the host, and so the main step, wait for them.
+    # pageable memory (page-locking failed) makes the host, and so the main step, wait for them,
+    # unless the handover was measured from the GPU's weights: then those waits are in it.
     copies_on_main = (not candidate.main.is_cpu and candidate.perturbation.is_cpu
-                      and candidate.transfer.pinned is False)
+                      and candidate.transfer.pinned is False and not candidate.handover.on_accelerator)
     main_transfer, main_transfer_spread = ((transfer, candidate.transfer.spread_s) if copies_on_main
                                            else (0.0, 0.0))
     handover = candidate.handover  # 0 s unless the worker is a CPU process

@@ -147,8 +147,14 @@ def _handover_notes(c: Candidate) -> list[str]:
     if measured_pair != pair:
         return [f"the handover {pair} was not measured: the main step carries the {_ms(h.seconds)} measured for "
                 f"{measured_pair}"]
+    where = ""
+    if not c.main.is_cpu:
+        where = (f", timed from the weights on {c.main.device} (the gather and the result's copy up included)"
+                 if h.on_accelerator else
+                 ", timed from weights in host memory: the main stream's waits for the gather and the result's "
+                 "copy up are not in it (profile again to time them)")
     return [f"the main step carries the measured handover {pair} (submit, collect, perturb and restore): "
-            f"{_ms(h.seconds)}"]
+            f"{_ms(h.seconds)}{where}"]
 
 
 def _verdict(a: Analysis, e: Evaluation, rule: RhoRule) -> str:

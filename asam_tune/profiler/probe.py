@@ -120,7 +120,7 @@ def _serve(device, request: dict, channel: _Channel) -> None:
         if name == "transfers":
             channel.send("transfers", results=_transfers(device.config.device, command, settings))
         elif name == "handover":
-            channel.send("handover", **_handover(device.workload, command, settings))
+            channel.send("handover", **_handover(device, command, settings))
         elif name == "prepare":
             device.release()
             device.prepare(int(command["batch_size"]))
@@ -155,18 +155,19 @@ def _transfers(source: str, command: dict, settings) -> dict:
     return results
 
 
-def _handover(workload, command: dict, settings) -> dict:
-    """{"stats": ...}, or {"error": ...}: a worker that cannot start must not end the server."""
+def _handover(device, command: dict, settings) -> dict:
+    """{"stats": ..., "weights_on": ...}, or {"error": ...}: a worker that cannot start must not
+    end the server. The weights are on the probe's device, as the main step's are."""
     from asam_tune.profiler.handover import measure_handover
     from asam_tune.timing import PerfClock
 
     cores = command.get("cores")
     try:
-        stats = measure_handover(workload, int(command["threads"]), tuple(cores) if cores else None,
-                                 settings=settings, clock=PerfClock())
+        stats = measure_handover(device.workload, int(command["threads"]), tuple(cores) if cores else None,
+                                 settings=settings, clock=PerfClock(), device=device.config.device)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which records nothing
         return {"error": _first_line(exc)}
-    return {"stats": stats.model_dump(mode="json")}
+    return {"stats": stats.model_dump(mode="json"), "weights_on": device.config.device}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -446,7 +446,7 @@ def _handovers(layout: _Layout, main_probe: ProbeProcess | None, timeout_s: floa
             tracker.step(f"handover to {config.key} not measured: {answer['error']}")
             continue
         points.append(HandoverPoint(main=layout.main.key, perturbation=config.key,
-                                    per_step=_stats(answer["stats"])))
+                                    per_step=_stats(answer["stats"]), weights_on=answer.get("weights_on")))
         tracker.step(f"handover to {config.key} measured")
     return points
 

@@ -169,13 +169,22 @@ class ContentionPoint(Record):
 
 
 class HandoverPoint(Record):
-    """What one step of a CPU worker process costs the main process, besides the weight copies
-    counted as transfers: submit (weights and a few input rows into shared memory, the job
-    message), collect of a result already there (pipe, copy out), keep-clean/perturb/restore."""
+    """What one step of a CPU worker process costs the main process: submit (weights and a few
+    input rows into shared memory, the job message), collect of a result already there (pipe,
+    copy out), keep-clean/perturb/restore.
+
+    ``weights_on``: where the weights were. On a GPU (the main device) the point is what the
+    main stream and its host thread wait for on the runtime's copy-stream path, the gather and
+    the result's copy up included; the copies to and from the host on the worker's side are the
+    transfers. None (profiles before it was recorded): CPU weights, the transfers apart.
+    """
+
+    omit_when_none = frozenset({"weights_on"})
 
     main: str  # DeviceConfig.key of the main device
     perturbation: str  # DeviceConfig.key of the CPU worker configuration
     per_step: TimingStats
+    weights_on: str | None = Field(default=None, pattern=r"^(cpu|cuda:\d+|fake:\w+)$")
 
 
 LoadAverages = tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat]

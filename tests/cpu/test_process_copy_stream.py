@@ -83,3 +83,20 @@ def test_async_sam_with_the_copy_stream_path_trains_like_the_cpu_path():
         if layer is not None:
             layer.close()
     assert max((a - b).abs().max().item() for a, b in zip(results["plain"], results["threads"])) < 1e-9
+
+
+def test_the_profilers_handover_from_accelerator_weights_takes_the_copy_stream_path():
+    """The handover point for a GPU main is timed on the runtime's own copy-stream path."""
+    from asam_tune.profiler.handover import measure_handover
+    from asam_tune.timing import MeasureSettings, PerfClock
+    from asam_tune.workloads import load_workload
+
+    layer = RecordingLayer()
+    settings = MeasureSettings(warmup=1, min_time_s=0.01, min_repeats=3, max_repeats=5, noise_threshold=0.1)
+    stats = measure_handover(load_workload("mnist1d-cnn"), 1, None, settings=settings, clock=PerfClock(),
+                             layer=layer)
+    assert len(stats.samples_s) >= 3 and stats.median_s > 0
+    labels = [op.label for op in layer.ops]
+    handovers = 1 + len(stats.samples_s)  # the warm-up and the timed ones
+    assert labels.count("gather") >= handovers  # one gather per dtype per job
+    assert {thread for thread, _ in layer.host_waits} == {"asam-handover-sender"}

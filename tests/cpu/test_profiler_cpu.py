@@ -232,7 +232,7 @@ def test_the_main_probe_times_handovers_and_survives_a_worker_that_cannot_start(
         # The probe is still serving after the failed start.
         probe.send('{"cmd": "quit"}')
     [point] = points
-    assert (point.main, point.perturbation) == ("cpu/1t", "cpu/1t")
+    assert (point.main, point.perturbation, point.weights_on) == ("cpu/1t", "cpu/1t", "cpu")
     # TINY: at least 2 samples after the warm-up, each submit + collect + foreach calls.
     assert len(point.per_step.samples_s) >= 2 and point.per_step.median_s > 0
     assert any(f"handover to {impossible.key} not measured" in str(m) and "Invalid cores" in str(m)
@@ -384,8 +384,8 @@ def test_a_quick_gpu_profile_measures_the_gpu_first_with_pinned_transfers_and_co
     assert (transfer.source, transfer.target, transfer.pinned) == ("cuda:0", "cpu/1t", True)
     [contention] = profile.contention
     assert (contention.main, contention.busy, contention.batch_size) == ("cuda:0", "cpu/1t", 32)
-    [handover] = profile.handovers  # timed with CPU weights by the GPU's probe
-    assert (handover.main, handover.perturbation) == ("cuda:0", "cpu/1t")
+    [handover] = profile.handovers  # timed by the GPU's probe from its weights: the copy-stream path
+    assert (handover.main, handover.perturbation, handover.weights_on) == ("cuda:0", "cpu/1t", "cuda:0")
 
 
 @pytest.mark.gpu

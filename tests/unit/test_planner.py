@@ -98,12 +98,30 @@ def test_the_handover_to_a_cpu_worker_lengthens_the_main_step_and_the_budget():
     assert p.hidden_fraction == pytest.approx((0.041 - 0.023) / (0.041 - 0.021))
     assert p.main_time_uncertainty_s == pytest.approx(0.0005)  # the handover's IQR; all else exact
     assert "the main step carries the measured handover cuda:0 -> cpu/4t (submit, collect, perturb and " \
-           "restore): 2 ms" in plan.notes
+           "restore): 2 ms, timed from weights in host memory: the main stream's waits for the gather and the " \
+           "result's copy up are not in it (profile again to time them)" in plan.notes
     # cpu/2t's handover was not measured: it takes the same main's (cpu/4t's), 0.002 + 0.002 b
     # <= 0.02185 -> 9 (cpu/1t: 0.002 + 0.004 b -> 4).
     alternatives = [(a.perturbation.key, a.perturbation_batch_size, a.predictions.main_time_s)
                     for a in plan.alternatives]
     assert alternatives == [("cpu/2t", 9, pytest.approx(0.023)), ("cpu/1t", 4, pytest.approx(0.023))]
+
+
+def test_a_handover_timed_from_the_gpus_weights_holds_the_pageable_copies_and_says_so():
+    # Pageable transfers block the host: from host weights they are added to the main step
+    # (test_pageable_transfers_...); timed from the GPU's weights the handover holds them already.
+    transfers = [transfer("cuda:0", "cpu/4t", 0.001, 0.001, pinned=False)]
+    host = profile(*gpu_with_cpu().devices, transfers=transfers,
+                   handovers=[handover("cuda:0", "cpu/4t", 0.002)])
+    on_gpu = profile(*gpu_with_cpu().devices, transfers=transfers,
+                     handovers=[handover("cuda:0", "cpu/4t", 0.002).model_copy(update={"weights_on": "cuda:0"})])
+    assert make_plan(host, 100).predictions.main_time_s == pytest.approx(0.021 + 0.002 + 0.002)
+    plan = make_plan(on_gpu, 100)
+    assert plan.predictions.main_time_s == pytest.approx(0.021 + 0.002)
+    # The worker's path keeps both copies either way.
+    assert plan.predictions.perturbation_time_s == pytest.approx(0.002 + 0.001 * plan.perturbation_batch_size + 0.002)
+    assert any(n.endswith("2 ms, timed from the weights on cuda:0 (the gather and the result's copy up included)")
+               for n in plan.notes)
 
 
 def test_a_handover_measured_for_another_worker_stands_in_and_the_plan_says_so():
