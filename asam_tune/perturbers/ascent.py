@@ -20,6 +20,10 @@ __all__ = ["ASCENT_DTYPES", "ascent_perturbation", "check_ascent_dtype", "job_se
 _MASK64 = (1 << 64) - 1
 # What the ascent may run in besides the parameters' own dtype (None).
 ASCENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# An fp16 ascent's loss is multiplied by this before the backward, so that small gradients of
+# fp16 activations (below fp16's 6e-8) do not flush to zero. The perturbation is normalised,
+# so the scale never needs undoing; a backward that overflows is redone unscaled (once).
+FP16_LOSS_SCALE = 2.0 ** 10
 
 
 def check_ascent_dtype(value: Any) -> torch.dtype | None:
@@ -91,6 +95,19 @@ def _as_loss(value: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
+def _gradient_and_norm(loss: torch.Tensor, params: Sequence[torch.Tensor], adaptive: bool,
+                       keep_graph: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The gradient of ``loss`` (zeros where a parameter got none) and the norm SAM divides by."""
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True, retain_graph=keep_graph)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    if adaptive:
+        norm_terms = [torch.linalg.vector_norm(p.detach().abs().to(wide) * g.to(wide)) for p, g in zip(params, grads)]
+    else:
+        norm_terms = [torch.linalg.vector_norm(g, dtype=wide) for g in grads]
+    return grads, torch.linalg.vector_norm(torch.stack(norm_terms))
+
+
 def ascent_perturbation(
     model: nn.Module,
     compute_loss: Callable[[nn.Module, Any], Any],
@@ -123,20 +140,19 @@ def ascent_perturbation(
         with torch.autocast(device_type=params[0].device.type, dtype=autocast_dtype):
             loss = _as_loss(compute_loss(model, batch))
         loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    if adaptive:
-        scales = [p.detach().abs().to(wide) for p in params]
-        norm_terms = [torch.linalg.vector_norm(s * g.to(wide)) for s, g in zip(scales, grads)]
+    if autocast_dtype is torch.float16:
+        grads, norm = _gradient_and_norm(loss * FP16_LOSS_SCALE, params, adaptive, keep_graph=True)
+        if not torch.isfinite(norm):  # the scaled backward overflowed fp16: once more, unscaled
+            grads, norm = _gradient_and_norm(loss, params, adaptive)
     else:
-        norm_terms = [torch.linalg.vector_norm(g, dtype=wide) for g in grads]
-    norm = torch.linalg.vector_norm(torch.stack(norm_terms))
+        grads, norm = _gradient_and_norm(loss, params, adaptive)
+    del loss  # a kept graph (fp16) goes now, before the perturbation is allocated
     if not torch.isfinite(norm):
         return None
     if norm == 0:
         return [torch.zeros_like(g) for g in grads]
+    wide = norm.dtype
     scale = rho / norm
     if adaptive:
-        return [(s * s * g.to(wide) * scale).to(g.dtype) for s, g in zip(scales, grads)]
+        return [(p.detach().abs().to(wide) ** 2 * g.to(wide) * scale).to(g.dtype) for p, g in zip(params, grads)]
     return [(g.to(wide) * scale).to(g.dtype) for g in grads]

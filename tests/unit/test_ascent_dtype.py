@@ -1,6 +1,8 @@
 """``ascent_dtype``: the ascent's forward under autocast in every worker; norm and scale in fp32."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +125,63 @@ def test_async_sam_takes_an_ascent_dtype_and_refuses_others():
     for bad in (torch.float32, "int8", 3):
         with pytest.raises(UserInputError, match="Invalid ascent_dtype: .*need None, .parameters., torch.bfloat16"):
             AsyncSAM(model, opt, compute_loss=loss, ascent_dtype=bad)
+
+
+class Deep(nn.Module):
+    """A linear stack whose activation gradients are tiny: fp16 flushes them to zero unscaled."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(16, 16) for _ in range(3)))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def tiny_loss(model, batch):
+    return 1e-9 * model(batch).float().pow(2).sum()
+
+
+def test_an_fp16_ascent_is_loss_scaled_so_small_gradients_survive():
+    torch.manual_seed(0)
+    model = Deep()
+    batch = torch.randn(8, 16)
+    params = list(model.parameters())
+    reference = ascent_perturbation(model, tiny_loss, batch, params, RHO)
+    half = ascent_perturbation(model, tiny_loss, batch, params, RHO, autocast_dtype=torch.float16)
+    assert abs(norm(half) - RHO) < 1e-4 and cosine(reference, half) > 0.99
+    # Unscaled, fp16 loses the gradient of the first layers (this is what the scale is for).
+    import asam_tune.perturbers.ascent as ascent
+
+    try:
+        ascent.FP16_LOSS_SCALE = 1.0
+        unscaled = ascent_perturbation(model, tiny_loss, batch, params, RHO, autocast_dtype=torch.float16)
+    finally:
+        ascent.FP16_LOSS_SCALE = 2.0 ** 10
+    assert unscaled is not None and norm(unscaled) == 0.0  # every gradient flushed to zero
+
+
+def test_an_fp16_ascent_whose_scaled_backward_overflows_is_redone_unscaled(monkeypatch):
+    import asam_tune.perturbers.ascent as ascent
+
+    norms = []
+    real = ascent._gradient_and_norm
+
+    def spy(*args, **kwargs):
+        grads, n = real(*args, **kwargs)
+        norms.append(float(n))
+        return grads, n
+
+    monkeypatch.setattr(ascent, "_gradient_and_norm", spy)
+    torch.manual_seed(0)
+    model = Deep()
+    batch = torch.randn(8, 16)
+    params = list(model.parameters())
+
+    def big_loss(model, batch):  # fp16 holds 65504: x 1024 overflows in the backward
+        return 200.0 * model(batch).float().pow(2).sum()
+
+    reference = ascent_perturbation(model, big_loss, batch, params, RHO)
+    half = ascent_perturbation(model, big_loss, batch, params, RHO, autocast_dtype=torch.float16)
+    assert half is not None and abs(norm(half) - RHO) < 1e-4 and cosine(reference, half) > 0.99
+    assert len(norms) == 3 and not math.isfinite(norms[1]) and math.isfinite(norms[2])  # fp32, scaled, unscaled
