@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any
+
+import torch
 
 try:
     from lightning.pytorch import Callback
@@ -165,7 +168,8 @@ class AsyncSAMCallback(Callback):
         self._restore()
         if self.sam is not None and not self.sam._closed:
             with contextlib.suppress(Exception):  # mid-step: no consistent state to take
-                self._last_state = self._state_now()
+                # Perhaps on this rank alone: no collective (the other ranks may never come).
+                self._last_state = self._state_now(gather=False)
         self._close()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -217,20 +221,29 @@ class AsyncSAMCallback(Callback):
         batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-    def _state_now(self) -> dict[str, Any]:
+    def _state_now(self, gather: bool = True) -> dict[str, Any]:
         state = _without_optimizer(self.sam.state_dict())
         # Batches the look-ahead took from a resumable loader but Lightning has not reached: the
-        # loader's own state counts them as taken, so a resume must hand them on first.
+        # loader's own state counts them as taken, so a resume must hand them on first. Each
+        # rank took its own (its sampler's share), and only rank 0 writes the checkpoint: under
+        # DDP every rank's go in, by rank (Lightning builds checkpoints on every rank).
         iterator = getattr(self._fetcher, "iterator", None)
         if isinstance(iterator, PeekingIterator) and self._loaders_resumable:
-            state["lookahead_items"] = iterator.ahead
+            items = iterator.ahead
+            world = _world_size()
+            if world == 1:
+                state["lookahead_items"] = items
+            elif gather:
+                by_rank: list[Any] = [None] * world
+                torch.distributed.all_gather_object(by_rank, items)
+                state["lookahead_items"] = {"world_size": world, "by_rank": by_rank}
         return state
 
     def _load_pending(self, trainer: Any) -> None:
         state, self._state_to_load = self._state_to_load, None
         if state is None:
             return
-        items = state.pop("lookahead_items", None)
+        items = _items_of_this_rank(state.pop("lookahead_items", None), trainer)
         # The base optimizer's state is Lightning's to restore (and it has): hand its current one back.
         self.sam.load_state_dict(dict(state, base_optimizer=self.sam.base_optimizer.state_dict()))
         if items and trainer is not None and self._loaders_resumable:
@@ -271,3 +284,20 @@ def _check_trainer(trainer: Any, pl_module: Any) -> None:
     if isinstance(trainer.fit_loop._data_fetcher, _DataLoaderIterDataFetcher):
         raise UserInputError("AsyncSAMCallback needs training_step(batch, batch_idx), not "
                              "training_step(dataloader_iter): the worker needs the next step's batch")
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _items_of_this_rank(items: Any, trainer: Any) -> list | None:
+    """This rank's look-ahead items from a checkpoint (a list: one process; by rank under DDP)."""
+    if not isinstance(items, dict):
+        return items
+    world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
+    if items.get("world_size") != world:
+        warnings.warn(f"the checkpoint's look-ahead batches are from {items.get('world_size')} ranks, this run has "
+                      f"{world}: they are dropped (each rank's loader resumes after them)", stacklevel=3)
+        return None
+    return items["by_rank"][rank]

@@ -349,3 +349,50 @@ def test_ddp_on_cpu_equals_two_plain_loops_with_averaged_gradients(tmp_path):
         assert rank["histogram"] == {0: 1, 1: steps - 1}
         for name, value in models[0].state_dict().items():
             assert (rank["weights"][name] - value).abs().max().item() <= 1e-9, name
+
+
+# --- the look-ahead batches of every rank in a DDP checkpoint --------------------------------------------
+
+
+class _FakeTrainer:
+    def __init__(self, world_size: int, global_rank: int):
+        self.world_size, self.global_rank = world_size, global_rank
+
+
+def test_under_ddp_each_rank_resumes_with_its_own_look_ahead_batches(monkeypatch):
+    """Only rank 0 writes the checkpoint, but every rank builds it: the look-ahead items go in by
+    rank (one all_gather_object) and each rank takes its own back on resume."""
+    from asam_tune.integrations import lightning as integration
+    from asam_tune.integrations._lightning_parts import PeekingIterator
+
+    rank_items = {0: ["batch 0 of rank 0"], 1: ["batch 0 of rank 1"]}
+
+    def all_gather_object(output, item):  # what torch.distributed does, seen from rank 1
+        assert item == rank_items[1]
+        output[:] = [rank_items[0], item]
+
+    monkeypatch.setattr(integration, "_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    callback = AsyncSAMCallback(RHO)
+
+    class StubSam:
+        def state_dict(self):
+            return {"step": 3, "base_optimizer": {}}
+
+    callback.sam = StubSam()
+    callback._loaders_resumable = True
+    callback._fetcher = type("Fetcher", (), {})()
+    callback._fetcher.iterator = PeekingIterator(iter(rank_items[1] + ["later"]))
+    callback._fetcher.iterator.peek(0)
+    state = callback._state_now()
+    assert state["lookahead_items"] == {"world_size": 2, "by_rank": [rank_items[0], rank_items[1]]}
+    assert "base_optimizer" not in state
+    # After an exception (perhaps on this rank alone) there is no collective: the items are left out.
+    assert "lookahead_items" not in callback._state_now(gather=False)
+    # On resume each rank takes its own; a different world size drops them with a warning.
+    assert integration._items_of_this_rank(state["lookahead_items"], _FakeTrainer(2, 1)) == rank_items[1]
+    assert integration._items_of_this_rank(state["lookahead_items"], _FakeTrainer(2, 0)) == rank_items[0]
+    with pytest.warns(UserWarning, match="from 2 ranks, this run has 4: they are dropped"):
+        assert integration._items_of_this_rank(state["lookahead_items"], _FakeTrainer(4, 1)) is None
+    # One process: the list as before (checkpoints written before keep loading).
+    assert integration._items_of_this_rank(["x"], _FakeTrainer(1, 0)) == ["x"]
