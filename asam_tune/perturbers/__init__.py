@@ -10,7 +10,8 @@ the per-step handover to a real one. It imports neither. Modules:
   state_sync     what of the model besides the weights a replica must follow
   in_process     synchronous, on the main model itself (the reference and the fallback)
   process_parent a CPU worker process (``process_child`` is its side, ``process_lifecycle``
-                 its start and stop); shared_memory, layout
+                 its start and stop, ``copy_stream`` its handover from GPU weights);
+                 shared_memory, layout
   stream         a second CUDA stream or another GPU
   fake           scripted failures, for tests
 

@@ -171,11 +171,22 @@ class Op:
 
 
 class _AcceptingCudart:
+    """Registers host ranges as CUDA does: a range that overlaps one already registered is
+    refused (cudaErrorHostMemoryAlreadyRegistered), so a part of a pinned buffer cannot be."""
+
+    ALREADY_REGISTERED = 712
+
+    def __init__(self):
+        self.ranges: dict[int, int] = {}
+
     def cudaHostRegister(self, ptr, size, flags):
+        if any(ptr < start + length and start < ptr + size for start, length in self.ranges.items()):
+            return self.ALREADY_REGISTERED
+        self.ranges[ptr] = size
         return 0
 
     def cudaHostUnregister(self, ptr):
-        return 0
+        return 0 if self.ranges.pop(ptr, None) is not None else 1
 
     def cudaGetLastError(self):
         return 0
@@ -269,7 +280,9 @@ class RecordingLayer(_ThreadStreams):
         pass
 
     def cudart(self) -> Any:
-        return _AcceptingCudart()
+        if getattr(self, "_cudart", None) is None:
+            self._cudart = _AcceptingCudart()  # one per layer, as one per process on a GPU
+        return self._cudart
 
     # -- NVTX, recorded as operations on the thread's current stream
 
@@ -404,7 +417,9 @@ class HostThreadLayer(_ThreadStreams):
         pass
 
     def cudart(self) -> Any:
-        return _AcceptingCudart()
+        if getattr(self, "_cudart", None) is None:
+            self._cudart = _AcceptingCudart()  # one per layer, as one per process on a GPU
+        return self._cudart
 
     def close(self) -> None:
         for stream in self._streams:

@@ -11,15 +11,8 @@ made, so nothing survives either process; while they run, the segments count aga
 A job's exception leaves the worker running: it reports the error and waits for the next job.
 A worker that died or hung is stopped for good; the perturber then raises WorkerError on use.
 
-With the weights on a GPU, the handover stays off the main stream's path. On a copy stream of
-its own (through a ``DeviceLayer``, see ``device_layer.py``): the copy stream waits for the
-main stream, gathers the weights into one flat GPU buffer per dtype, and the main stream waits
-for that gather only (a device-to-device copy) before it perturbs the weights; the copy stream
-then copies the gathered weights and the batch into the page-locked shared buffers, and a
-sender thread hands the job to the worker once that copy is done. The result comes back the
-same way: copied up on the copy stream, the main stream waiting for that copy on the GPU. The
-main thread never waits for the host; the next job's copies follow the last result's on the
-same stream, so the worker cannot overwrite a result still being read.
+With the weights on a GPU, the handover stays off the main stream's path, on a copy stream of
+its own (``copy_stream.CopyStreamHandover``).
 """
 from __future__ import annotations
 
@@ -41,10 +34,11 @@ from asam_tune.perturbers import process_child
 from asam_tune.perturbers.ascent import parameters_at
 from asam_tune.perturbers.base import AscentJob, AscentTask, PerturbationResult, PerturberBase, check_timeout
 from asam_tune.perturbers.batches import flatten
+from asam_tune.perturbers.copy_stream import CopyStreamHandover
 from asam_tune.perturbers.device_layer import CudaLayer, DeviceLayer
 from asam_tune.perturbers.layout import FlatLayout
 from asam_tune.perturbers.process_lifecycle import (KILL_GRACE_S, WorkerHandle, check_cores, cpu_replica,
-                                                    main_guard_hint, payload_bytes, register_host, shutdown_worker)
+                                                    main_guard_hint, payload_bytes, shutdown_worker)
 from asam_tune.perturbers.shared_memory import check_shared_memory, shared_memory_error
 from asam_tune.perturbers.state_sync import StateTracker, other_tensors
 
@@ -99,12 +93,8 @@ class ProcessPerturber(PerturberBase):
         self._leaf_buffers: list[torch.Tensor] = []
         self._spec = None
         self._main_device: torch.device | None = None
-        self._layer = layer if layer is not None else CudaLayer()
-        self._copy_streams: dict[torch.device, object] = {}
-        self._sender = None  # the thread that sends a GPU-fed job once its copies are done
-        self._staging: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._outputs: dict[torch.device, list] = {}
-        self._pinned: set[int] = set()
+        self._gpu = CopyStreamHandover(layer if layer is not None else CudaLayer(), self._handle)
+        self._outputs: list | None = None  # the perturbation's CPU copy when the weights are on the CPU
         self.pid: int | None = None
         try:
             # The tracker starts from the state the replica is pickled with.
@@ -242,57 +232,20 @@ class ProcessPerturber(PerturberBase):
 
     # -- copies into and out of shared memory
 
-    def _pin(self, t: torch.Tensor) -> bool:
-        key = t.data_ptr()
-        if key not in self._pinned:
-            cudart = self._layer.cudart()
-            if register_host(self._handle, t, cudart):
-                self._handle.cudart = cudart
-                self._pinned.add(key)
-        return key in self._pinned
-
-    def _copy_stream(self, device: torch.device):
-        stream = self._copy_streams.get(device)
-        if stream is None:
-            stream = self._copy_streams[device] = self._layer.new_stream(device)
-        return stream
-
     def _wait_for_sender(self, during: str) -> None:
         """Messages go one at a time: a job still on its way is sent first."""
-        sender = self._sender
-        if sender is None or sender.done():
-            return
-        try:
-            outcome = sender.wait(time.monotonic() + self.timeout_s)
-        except RuntimeError:
-            outcome = None
-        if outcome is None:
+        if not self._gpu.sender_done(self.timeout_s):
             raise self._fail(WorkerError(f"perturbation worker pid {self.pid}: the job's copies did not end "
                                          f"within {self.timeout_s:g} s {during}", pid=self.pid))
-
-    def _send_when_copied(self, message, device: torch.device) -> None:
-        """Send ``message`` from the sender thread once the copy stream has passed its copies."""
-        from asam_tune.perturbers.stream import JobThread
-
-        layer, conn = self._layer, self._handle.conn
-        copied = layer.record(self._copy_stream(device))
-        if self._sender is None:
-            self._sender = JobThread(name="asam-handover-sender")
-
-        def send() -> None:
-            layer.host_wait(copied)
-            conn.send(message)  # a broken pipe shows as the worker's death at collect
-
-        self._sender.start(send)
 
     def _write_weights(self, weights: Sequence[torch.Tensor]) -> torch.device | None:
         """Copy the weights into shared memory; returns the GPU whose copy stream still copies them, or None."""
         self._check_weights(weights)
         devices = {w.device for w in weights}
         with torch.no_grad():
-            if len(devices) == 1 and self._layer.is_accelerator(next(iter(devices))):
+            if len(devices) == 1 and self._gpu.is_accelerator(next(iter(devices))):
                 device = next(iter(devices))
-                self._gather_off_the_main_stream(device, weights)
+                self._gpu.gather_weights(device, weights, self._layouts[0], self._weights)
                 return device
             if devices <= _CPU_ONLY:
                 # One fused copy into the views of the flat shared buffers (no per-tensor dispatch).
@@ -301,26 +254,6 @@ class ProcessPerturber(PerturberBase):
                 for view, w in zip(self._weight_views, weights):
                     view.copy_(w)
         return None
-
-    def _gather_off_the_main_stream(self, device: torch.device, weights: Sequence[torch.Tensor]) -> None:
-        layer, layout = self._layer, self._layouts[0]
-        main, copy = layer.current_stream(device), self._copy_stream(device)
-        layer.wait_stream(copy, main)  # w_t is what the main stream's queued work leaves
-        groups = layout.groups(weights)
-        with layer.on_stream(copy):  # the staging buffers are the copy stream's memory
-            for dtype, group in groups.items():
-                staging = self._staging.get((device, dtype))
-                if staging is None:
-                    staging = self._staging[(device, dtype)] = torch.empty(
-                        layout.totals[dtype], dtype=dtype, device=device)
-                layer.gather(staging, group, copy)
-        # The main stream perturbs w_t in place next: after the gather (on the GPU), not after
-        # the copy to the host.
-        layer.wait_event(main, layer.record(copy))
-        for dtype in groups:
-            shared = self._weights[dtype]
-            self._pin(shared)
-            layer.copy_(shared, self._staging[(device, dtype)], copy)  # DMA into page-locked memory
 
     def _check_weights(self, weights: Sequence[torch.Tensor]) -> None:
         # On every step's path: one list comparison when all is well (copy_ would broadcast a
@@ -340,14 +273,13 @@ class ProcessPerturber(PerturberBase):
         changes = self._tracker.changes()
         pairs = ([(self._frozen_views[i], self._tracker.params[i]) for i in changes.params]
                  + [(self._buffer_views[i], self._tracker.buffers[i]) for i in changes.buffers])
-        copy = None if copy_device is None or not pairs else self._copy_stream(copy_device)
-        if copy is not None:
+        if copy_device is not None and pairs:
             for flat in (*self._frozen.values(), *self._buffers.values()):
-                self._pin(flat)
+                self._gpu.pin(flat)
         with torch.no_grad():
             for dst, src in pairs:
-                if copy is not None and src.device == copy_device:
-                    self._layer.copy_(dst, src.detach(), copy)
+                if copy_device is not None and src.device == copy_device:
+                    self._gpu.copy_to_host(dst, src.detach(), copy_device)
                 else:
                     dst.copy_(src.detach())
         return changes.buffers, changes.modes
@@ -386,47 +318,27 @@ class ProcessPerturber(PerturberBase):
             self._send(("spec", spec), "while receiving the batch structure")
             self._spec = spec
         rows: list[int | None] = []
-        layer = self._layer
-        copy = None if copy_device is None else self._copy_stream(copy_device)
         with torch.no_grad():
             for buf, t in zip(self._leaf_buffers, leaves):
                 target = buf if t.dim() == 0 else buf[: t.shape[0]]
                 rows.append(None if t.dim() == 0 else int(t.shape[0]))
-                if copy is not None and t.device == copy_device:
-                    self._pin(buf)
-                    layer.copy_(target, t, copy)
-                    layer.keep_alive(t, copy)  # the caller may free its batch before the copy ran
+                if copy_device is not None and t.device == copy_device:
+                    self._gpu.pin(buf)
+                    self._gpu.copy_to_host(target, t, copy_device, keep_alive=True)
                 else:
                     target.copy_(t)
         return rows
 
     def _read_perturbation(self) -> list[torch.Tensor]:
         device = self._main_device
-        layer = self._layer
-        accelerated = layer.is_accelerator(device)
-        copy = self._copy_stream(device) if accelerated else None
-        outputs = self._outputs.get(device)
-        layout = self._layouts[0]
-        if outputs is None:
-            if accelerated:
-                with layer.on_stream(copy):  # the copy stream's memory, written there
-                    flats = layout.allocate(device)
-            else:
-                flats = layout.allocate(device)
-            self._outputs[device] = outputs = [flats, layout.views(flats)]
-        flats, views = outputs
-        if not accelerated:
-            for dtype, src in self._perturbation.items():
-                flats[dtype].copy_(src)
-            return views
-        main = layer.current_stream(device)
-        layer.wait_stream(copy, main)  # the main stream may still read the last result from these buffers
+        if self._gpu.is_accelerator(device):
+            return self._gpu.read_up(device, self._layouts[0], self._perturbation)
+        if self._outputs is None:
+            flats = self._layouts[0].allocate(device)
+            self._outputs = [flats, self._layouts[0].views(flats)]
+        flats, views = self._outputs
         for dtype, src in self._perturbation.items():
-            self._pin(src)
-            layer.copy_(flats[dtype], src, copy)
-        # The main stream uses the result after its copy, on the GPU. The next job is sent
-        # after this copy too (same stream): the worker cannot overwrite what is being read.
-        layer.wait_event(main, layer.record(copy))
+            flats[dtype].copy_(src)
         return views
 
     # -- the Perturber protocol
@@ -443,7 +355,7 @@ class ProcessPerturber(PerturberBase):
         if copy_device is None:
             self._send(message, f"when sent step {job.step}")
         else:
-            self._send_when_copied(message, copy_device)
+            self._gpu.send_when_copied(message, copy_device)
         self._started(job.step)
         self._handle.busy = True
 
@@ -500,9 +412,5 @@ class ProcessPerturber(PerturberBase):
         self._leaf_buffers = []
         self._weights = self._perturbation = self._frozen = self._buffers = {}
         self._weight_views = self._frozen_views = self._buffer_views = []
-        if self._sender is not None:
-            self._sender.stop(0.0)
-            self._sender = None
-        self._staging.clear()
-        self._copy_streams.clear()
-        self._outputs.clear()
+        self._gpu.close()
+        self._outputs = None

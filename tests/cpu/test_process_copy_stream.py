@@ -64,6 +64,8 @@ def test_the_handover_runs_on_the_copy_stream_and_only_the_sender_waits_for_the_
             # The result's copy up comes before the main stream uses it.
             assert result_copies and all(op.stream != "main" for op in result_copies)
             assert all(layer.ordered_before(c, use) for c in result_copies)
+        # Every shared buffer was page-locked whole, none in part (CUDA refuses that).
+        assert not worker._handle.pin_warned and len(layer.cudart().ranges) >= 3
     waiting_threads = {thread for thread, _ in layer.host_waits}
     assert waiting_threads == {"asam-handover-sender"}, layer.host_waits
 
