@@ -20,8 +20,11 @@ handed over as it is, without a second copy. Its extra GPU memory is the snapsho
 perturbation (2x the perturbed weights, and the gradients while a job runs), against 4x with a
 full replica and an output copy. On another GPU the replica is a full copy there.
 
-Random draws (dropout) in the ascent come from the device's generator as they are: seeding it
-from this thread would race with the main thread's own draws.
+Random draws. Seeding the device's generator from this thread would race with the main
+thread's own draws, so the replica's dropout modules draw from a generator of the worker's own
+(``seeded_dropout.py``), seeded with each job's seed: the ascent's masks repeat, and the main
+step's are untouched. Dropout called as a function inside a model still draws from the
+device's generator.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from asam_tune.perturbers.base import (AscentJob, AscentTask, PerturbationResult
                                       remote_error_name)
 from asam_tune.perturbers.batches import map_tensors
 from asam_tune.perturbers.replica import replica_on, snapshot_replica
+from asam_tune.perturbers.seeded_dropout import use_seeded_dropout
 from asam_tune.perturbers.state_sync import ReplicaSync
 from asam_tune.perturbers.tracing import nvtx_range
 
@@ -175,6 +179,8 @@ class StreamPerturber(PerturberBase):
                 self._replica = snapshot_replica(task.model, task.perturbed)
         else:
             self._replica = replica_on(task.model, self._device)
+        self._dropout = torch.Generator(device=self._device)
+        use_seeded_dropout(self._replica, self._dropout)
         self._sync = ReplicaSync(task.model, self._replica, task.perturbed)
         self._params = parameters_at(self._replica, task.perturbed)
 
@@ -212,9 +218,10 @@ class StreamPerturber(PerturberBase):
             batch = map_tensors(job.batch, to_device)
             copied = layer.record(stream)
         layer.wait_event(main, copied)  # the main stream perturbs w_t in place next; the copies go first
-        params, rho, step = self._params, float(job.rho), job.step
+        params, rho, step, seed = self._params, float(job.rho), job.step, int(job.seed)
 
         def run():
+            self._dropout.manual_seed(seed)  # jobs run one after another on this thread
             started = time.perf_counter()
             with layer.on_stream(stream), nvtx_range(lambda: f"asam ascent {step}", task.nvtx), torch.enable_grad():
                 e = ascent_perturbation(self._replica, task.compute_loss, batch, params, rho, adaptive=task.adaptive,
