@@ -1,19 +1,25 @@
 """The step-time formulas: SGD and SAM baselines, and one candidate's b_p and predictions (no torch).
 
     T_main(B)   = fwd_bwd_main(B) * slowdown + opt_main + transfers_main + handover
-    T_pert(b)   = fwd_bwd_pert(b) * slowdown_pert + transfer_to + transfer_back
+    T_pert(b)   = fwd_bwd_pert(b) * slowdown_pert + transfer_to + transfer_back (see below)
     budget      = (1 - margin) * T_main(B)
     b_p         = the largest b <= B (and below the device's OOM) with T_pert(b) <= budget
-    T_SGD       = fwd_bwd_base(B) + opt_base;   T_SAM = 2 * fwd_bwd_base(B) + opt_base
+    T_SGD       = fwd_bwd_base(B) + opt_base;   T_SAM = fwd_bwd_base(B) + ascent_base(B) + opt_base
+                  (ascent_base: the ascent curve in the profile's ascent_dtype, else fwd_bwd_base)
     T_ASAM      = T_main(B) when hidden (and in non-blocking mode, which never waits)
 
 transfers_main = transfer_to + transfer_back when the main device is an accelerator, the
 worker the CPU and the transfers were measured with pageable host memory: a pageable copy
 blocks the host, so both copies lie on the main step's path (and on the worker's, which cannot
 start before the first); 0 otherwise. With page-locked memory the runtime copies on a copy
-stream of its own, ordered by events (perturbers/process_parent.py): the main stream waits
-only for a device-to-device gather of the weights, and the transfers lie on the worker's path
-alone.
+stream of its own, ordered by events (perturbers/copy_stream.py): the main stream waits for a
+device-to-device gather of the weights and, at collect, for the result's copy up; the weights'
+copy to the host lies on the worker's path.
+
+A handover timed from the GPU's weights (``weights_on``) holds what the main stream waits for
+(the gather, the result's copy up) and, with pageable memory, the blocking copies: then
+transfers_main is 0 and T_pert carries transfer_to only. A handover timed from host weights
+(profiles before ``weights_on``) holds neither: T_pert carries both transfers.
 
 handover is the main process's fixed cost per step of using a CPU worker process (submit,
 collect, keep/perturb/restore; the profile's HandoverPoint, see candidates.find_handover); 0
@@ -91,9 +97,12 @@ class Baseline:
 
 
 def baseline(model: DeviceModel, batch_size: int) -> Baseline:
+    """SAM's ascent in the dtype the plan runs it in: the ascent curve when the profile has one
+    (AsyncSAM's synchronous path runs its ascent in that dtype too)."""
     forward_backward = model.curve.time_s(batch_size)
+    ascent = forward_backward if model.ascent_curve is None else model.ascent_curve.time_s(batch_size)
     return Baseline(model.config, forward_backward, forward_backward + model.optimizer_s,
-                    2 * forward_backward + model.optimizer_s)
+                    forward_backward + ascent + model.optimizer_s)
 
 
 @dataclass(frozen=True)
@@ -168,9 +177,17 @@ def _perturbation_slowdown(candidate: Candidate) -> float:
 
 
 def perturbation_time_s(candidate: Candidate, models: dict[str, DeviceModel], batch: int) -> float:
-    """T_pert(b): the ascent's forward+backward on the perturbation device plus both transfers."""
+    """T_pert(b): the ascent's forward+backward on the perturbation device plus its transfers."""
     curve = perturbation_model(models, candidate.perturbation.key).curve
-    return curve.time_s(batch) * _perturbation_slowdown(candidate) + candidate.transfer.total_s
+    return curve.time_s(batch) * _perturbation_slowdown(candidate) + worker_transfer_s(candidate)
+
+
+def worker_transfer_s(candidate: Candidate) -> float:
+    """The transfers on the worker's path: both; only the weights' when the handover was timed
+    from the GPU's weights, which holds the result's copy up (the main stream waits for it)."""
+    if candidate.handover.on_accelerator:
+        return candidate.transfer.to_target_s
+    return candidate.transfer.total_s
 
 
 def largest_perturbation_batch(candidate: Candidate, models: dict[str, DeviceModel], batch_size: int) -> int:

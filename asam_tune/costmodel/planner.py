@@ -205,7 +205,7 @@ def _synchronous_plan_fields(a: Analysis, ordered: list[Evaluation], floor: Floo
     forward_backward_uncertainty = model.curve.uncertainty_s(a.batch_size)
     predictions = Predictions(
         sgd_step_s=base.sgd_step_s, sam_step_s=base.sam_step_s, asam_step_s=base.sam_step_s,
-        main_time_s=base.sgd_step_s, perturbation_time_s=base.forward_backward_s, transfer_time_s=0.0,
+        main_time_s=base.sgd_step_s, perturbation_time_s=base.sam_step_s - base.sgd_step_s, transfer_time_s=0.0,
         hidden_fraction=0.0, speedup_over_sam=1.0, contention_slowdown=1.0, contention="not_applicable",
         transfer="not_applicable", main_time_uncertainty_s=forward_backward_uncertainty + model.optimizer_spread_s,
         perturbation_time_uncertainty_s=forward_backward_uncertainty)

@@ -161,7 +161,8 @@ class _Layout:
 
     @property
     def ascent_candidates(self) -> tuple[DeviceConfig, ...]:
-        """The configurations an ascent may run on: the candidates, and a GPU main's own (its stream)."""
+        """The configurations an ascent may run on: the candidates, and a GPU main's own (SAM's ascent in the
+        baseline, a second stream)."""
         own = () if self.main.is_cpu else (self.main,)
         return own + self.candidates
 

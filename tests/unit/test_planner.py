@@ -118,8 +118,11 @@ def test_a_handover_timed_from_the_gpus_weights_holds_the_pageable_copies_and_sa
     assert make_plan(host, 100).predictions.main_time_s == pytest.approx(0.021 + 0.002 + 0.002)
     plan = make_plan(on_gpu, 100)
     assert plan.predictions.main_time_s == pytest.approx(0.021 + 0.002)
-    # The worker's path keeps both copies either way.
-    assert plan.predictions.perturbation_time_s == pytest.approx(0.002 + 0.001 * plan.perturbation_batch_size + 0.002)
+    # The worker's path keeps the weights' copy; the result's copy up is the main stream's wait,
+    # in the handover (from host weights the worker's path has both).
+    assert plan.predictions.perturbation_time_s == pytest.approx(0.002 + 0.001 * plan.perturbation_batch_size + 0.001)
+    assert make_plan(host, 100).predictions.perturbation_time_s == pytest.approx(
+        0.002 + 0.001 * make_plan(host, 100).perturbation_batch_size + 0.002)
     assert any(n.endswith("2 ms, timed from the weights on cuda:0 (the gather and the result's copy up included)")
                for n in plan.notes)
 
