@@ -101,7 +101,8 @@ def run_compare(plan: Plan, tuned: Plan, *, workload=None, steps: int = 100, war
             place(cores, threads)
             progress(f"SGD and synchronous SAM on cores {list(cores)}")
             sgd = time_sgd(workload, fixed, device, warmup, lr)
-            sam, _ = time_sam(workload, fixed, device, warmup, lr, rho, staleness=0)
+            sam, _ = time_sam(workload, fixed, device, warmup, lr, rho, staleness=0,
+                              ascent_dtype=plan.ascent_dtype or "parameters")  # as the plans run it
             baselines[cores] = {"sgd": sgd, "sam": sam, "threads": threads}
 
         def asam(name: str, p: Plan, run_batches: list, adapt: bool) -> tuple[list[float], dict]:

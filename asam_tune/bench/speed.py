@@ -35,6 +35,9 @@ def _summary(samples: list[float]) -> dict:
 def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, device: torch.device,
                  main_cores: tuple[int, ...], main_threads: int, warmup: int, lr: float, rho: float,
                  progress: Callable[[str], None]) -> None:
+    # SAM's ascent in the dtype asynchronous SAM runs it in (the plan's): like for like.
+    sam_dtype = plan.ascent_dtype or "parameters"
+    result["ascent_dtype"] = plan.ascent_dtype
     if device.type == "cpu":
         everything = usable_core_ids()
         place(everything, len(everything))
@@ -42,13 +45,13 @@ def _measure_all(result: dict, workload: Workload, plan: Plan, batches: list, de
         result["sgd_all_cores"] = {**_summary(time_sgd(workload, batches, device, warmup, lr)),
                                    "threads": len(everything)}
         progress(f"synchronous SAM on all {len(everything)} usable cores")
-        sam_times, _ = time_sam(workload, batches, device, warmup, lr, rho, staleness=0)
+        sam_times, _ = time_sam(workload, batches, device, warmup, lr, rho, staleness=0, ascent_dtype=sam_dtype)
         result["sam_all_cores"] = {**_summary(sam_times), "threads": len(everything)}
     place(main_cores, main_threads)
     progress("SGD")
     result["sgd"] = _summary(time_sgd(workload, batches, device, warmup, lr))
     progress("synchronous SAM")
-    sam_times, _ = time_sam(workload, batches, device, warmup, lr, rho, staleness=0)
+    sam_times, _ = time_sam(workload, batches, device, warmup, lr, rho, staleness=0, ascent_dtype=sam_dtype)
     result["sam"] = _summary(sam_times)
     progress(f"asynchronous SAM ({plan.perturbation.key}, b_p={plan.perturbation_batch_size})")
     # adapt=False: measure the plan's b_p as planned (bench/adapt.py measures the adaptation).

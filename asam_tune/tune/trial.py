@@ -70,6 +70,11 @@ class WorkloadTrialRunner:
         placement, self._placement = self._placement, None
         placement.__exit__(*exc_info)
 
+    @property
+    def _ascent_dtype(self) -> str:
+        """The plan's ascent dtype (what the tuned plan will run), for the trials and SAM alike."""
+        return getattr(self.plan, "ascent_dtype", None) or "parameters"
+
     def _window(self):
         """A fresh loader for one timing loop: it ends when the window is long enough."""
         return timed_batches(self.batches, self.length, self.clock)
@@ -78,7 +83,8 @@ class WorkloadTrialRunner:
         cores = self.space.baseline_cores(self.usable_core_ids, self.nearest_cores)
         place(cores, len(cores))
         sgd = time_sgd(self.workload, self._window(), self.device, self.warmup, self.lr)
-        sam, _ = time_sam(self.workload, self._window(), self.device, self.warmup, self.lr, self.rho, staleness=0)
+        sam, _ = time_sam(self.workload, self._window(), self.device, self.warmup, self.lr, self.rho, staleness=0,
+                          ascent_dtype=self._ascent_dtype)
         where = f"{self.device} driven from cores {_cores_text(cores)} ({len(cores)} threads)"
         return Baseline(statistics.median(sgd), statistics.median(sam), where)
 
@@ -88,7 +94,8 @@ class WorkloadTrialRunner:
         place(main_cores, len(main_cores))
         options: dict = {"perturbation_device": config.worker_device,
                          "perturbation_batch_size": config.perturbation_batch_size, "staleness": 1,
-                         "on_worker_failure": "raise", "worker_timeout_s": WORKER_TIMEOUT_S}
+                         "on_worker_failure": "raise", "worker_timeout_s": WORKER_TIMEOUT_S,
+                         "ascent_dtype": self._ascent_dtype}
         if config.worker_threads is not None:
             options["threads"] = config.worker_threads
             options["cores"] = worker_cores if can_pin() else None

@@ -148,3 +148,29 @@ def test_tune_runs_real_trials_records_them_and_resumes(tmp_path, capsys):
     assert resumed.baseline == record.baseline  # measured once per study
     assert [t.number for t in resumed.trials if t.from_cost_model] == [0]
     _check_outputs(rc, output, resumed)
+
+
+def test_the_runner_times_sam_and_every_trial_in_the_plans_ascent_dtype(monkeypatch):
+    """A tuned plan keeps the source plan's ascent_dtype: its trials, and SAM beside them, run in it."""
+    from asam_tune.tune import trial
+    from asam_tune.tune.space import SearchSpace
+    from asam_tune.workloads import load_workload
+    from tests.record_factories import small_profile
+
+    seen = []
+
+    def fake_time_sam(*args, **options):
+        seen.append(options.get("ascent_dtype"))
+        return [0.01] * 3, {"fallbacks": 0, "wait_median_s": 0.0, "worker_compute_median_s": 0.005}
+
+    monkeypatch.setattr(trial, "time_sam", fake_time_sam)
+    monkeypatch.setattr(trial, "time_sgd", lambda *args, **kwargs: [0.005] * 3)
+    monkeypatch.setattr(trial, "place", lambda *args: None)
+    usable = tuple(sorted(os.sched_getaffinity(0)))
+    for dtype, expected in ((None, "parameters"), ("bfloat16", "bfloat16")):
+        plan = api.plan_for(small_profile(), 32).model_copy(update={"ascent_dtype": dtype})
+        space = SearchSpace.from_plan(plan, len(usable))
+        runner = trial.WorkloadTrialRunner(load_workload("mnist1d-cnn"), plan, space, usable, steps=3, warmup=0)
+        runner.baseline()
+        runner.run(space.planned_config(plan))
+        assert seen[-2:] == [expected, expected]
