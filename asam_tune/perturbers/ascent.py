@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from asam_tune.dtypes import ASCENT_DTYPE_NAMES
+
 __all__ = ["ASCENT_DTYPES", "ascent_perturbation", "check_ascent_dtype", "job_seed", "parameters_at",
            "perturbed_indices", "seeded"]
 
@@ -22,7 +24,8 @@ _MASK64 = (1 << 64) - 1
 ASCENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # An fp16 ascent's loss is multiplied by this before the backward, so that small gradients of
 # fp16 activations (below fp16's 6e-8) do not flush to zero. The perturbation is normalised,
-# so the scale never needs undoing; a backward that overflows is redone unscaled (once).
+# so the scale never needs undoing; a backward that overflows is redone unscaled (forward and
+# backward once more: keeping the graph for it would hold the activations through every job).
 FP16_LOSS_SCALE = 2.0 ** 10
 
 
@@ -32,7 +35,8 @@ def check_ascent_dtype(value: Any) -> torch.dtype | None:
     if value is None or value == "parameters":
         return None
     if isinstance(value, str):
-        found = ASCENT_DTYPES.get(value.removeprefix("torch."))
+        # The names the CLI takes too ('bf16', 'fp16', 'half').
+        found = ASCENT_DTYPES.get(ASCENT_DTYPE_NAMES.get(value.strip().lower().removeprefix("torch."), ""))
     else:
         found = value if value in ASCENT_DTYPES.values() else None
     if found is None:
@@ -95,10 +99,10 @@ def _as_loss(value: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _gradient_and_norm(loss: torch.Tensor, params: Sequence[torch.Tensor], adaptive: bool,
-                       keep_graph: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _gradient_and_norm(loss: torch.Tensor, params: Sequence[torch.Tensor],
+                       adaptive: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The gradient of ``loss`` (zeros where a parameter got none) and the norm SAM divides by."""
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True, retain_graph=keep_graph)
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     if adaptive:
@@ -134,19 +138,20 @@ def ascent_perturbation(
     """
     if not params:
         return []
-    if autocast_dtype is None:
-        loss = _as_loss(compute_loss(model, batch))
-    else:
+    def loss_of() -> torch.Tensor:
+        if autocast_dtype is None:
+            return _as_loss(compute_loss(model, batch))
         with torch.autocast(device_type=params[0].device.type, dtype=autocast_dtype):
             loss = _as_loss(compute_loss(model, batch))
-        loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+        return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+
     if autocast_dtype is torch.float16:
-        grads, norm = _gradient_and_norm(loss * FP16_LOSS_SCALE, params, adaptive, keep_graph=True)
+        grads, norm = _gradient_and_norm(loss_of() * FP16_LOSS_SCALE, params, adaptive)
         if not torch.isfinite(norm):  # the scaled backward overflowed fp16: once more, unscaled
-            grads, norm = _gradient_and_norm(loss, params, adaptive)
+            del grads  # before the second forward: one set of activations and gradients at a time
+            grads, norm = _gradient_and_norm(loss_of(), params, adaptive)
     else:
-        grads, norm = _gradient_and_norm(loss, params, adaptive)
-    del loss  # a kept graph (fp16) goes now, before the perturbation is allocated
+        grads, norm = _gradient_and_norm(loss_of(), params, adaptive)
     if not torch.isfinite(norm):
         return None
     if norm == 0:
