@@ -222,21 +222,23 @@ class AsyncSAMCallback(Callback):
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
     def _state_now(self, gather: bool = True) -> dict[str, Any]:
-        state = _without_optimizer(self.sam.state_dict())
         # Batches the look-ahead took from a resumable loader but Lightning has not reached: the
         # loader's own state counts them as taken, so a resume must hand them on first. Each
         # rank took its own (its sampler's share), and only rank 0 writes the checkpoint: under
-        # DDP every rank's go in, by rank (Lightning builds checkpoints on every rank).
+        # DDP every rank's go to rank 0, by rank (Lightning builds checkpoints on every rank).
+        # The collective comes first and runs on every rank whatever its own state, so that a
+        # rank failing below cannot leave the others waiting in it.
         iterator = getattr(self._fetcher, "iterator", None)
-        if isinstance(iterator, PeekingIterator) and self._loaders_resumable:
-            items = iterator.ahead
-            world = _world_size()
-            if world == 1:
-                state["lookahead_items"] = items
-            elif gather:
-                by_rank: list[Any] = [None] * world
-                torch.distributed.all_gather_object(by_rank, items)
-                state["lookahead_items"] = {"world_size": world, "by_rank": by_rank}
+        items = iterator.ahead if isinstance(iterator, PeekingIterator) and self._loaders_resumable else None
+        world = _world_size()
+        lookahead: Any = items
+        if world > 1:
+            lookahead = None
+            if gather and self._loaders_resumable:
+                lookahead = _gathered_on_rank_0(items or [], world)
+        state = _without_optimizer(self.sam.state_dict())
+        if lookahead is not None:
+            state["lookahead_items"] = lookahead
         return state
 
     def _load_pending(self, trainer: Any) -> None:
@@ -291,11 +293,24 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _gathered_on_rank_0(items: list, world: int) -> dict | None:
+    """Every rank's look-ahead items, by rank, on rank 0 (None elsewhere: only rank 0 writes)."""
+    dist = torch.distributed
+    on_rank_0 = dist.get_rank() == 0
+    by_rank: list[Any] | None = [None] * world if on_rank_0 else None
+    dist.gather_object(items, by_rank, dst=0)
+    return {"world_size": world, "by_rank": by_rank} if on_rank_0 else None
+
+
 def _items_of_this_rank(items: Any, trainer: Any) -> list | None:
     """This rank's look-ahead items from a checkpoint (a list: one process; by rank under DDP)."""
-    if not isinstance(items, dict):
-        return items
     world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
+    if not isinstance(items, dict):
+        if items and world > 1:  # one process's batches: not any rank's share of the data
+            warnings.warn(f"the checkpoint's look-ahead batches are from one process, this run has {world} "
+                          "ranks: they are dropped (each rank's loader resumes after them)", stacklevel=3)
+            return None
+        return items
     if items.get("world_size") != world:
         warnings.warn(f"the checkpoint's look-ahead batches are from {items.get('world_size')} ranks, this run has "
                       f"{world}: they are dropped (each rank's loader resumes after them)", stacklevel=3)

@@ -360,39 +360,53 @@ class _FakeTrainer:
 
 
 def test_under_ddp_each_rank_resumes_with_its_own_look_ahead_batches(monkeypatch):
-    """Only rank 0 writes the checkpoint, but every rank builds it: the look-ahead items go in by
-    rank (one all_gather_object) and each rank takes its own back on resume."""
+    """Only rank 0 writes the checkpoint, but every rank builds it: the look-ahead items go to
+    rank 0 by rank (one gather_object that every rank joins) and each rank takes its own back."""
     from asam_tune.integrations import lightning as integration
     from asam_tune.integrations._lightning_parts import PeekingIterator
 
     rank_items = {0: ["batch 0 of rank 0"], 1: ["batch 0 of rank 1"]}
-
-    def all_gather_object(output, item):  # what torch.distributed does, seen from rank 1
-        assert item == rank_items[1]
-        output[:] = [rank_items[0], item]
-
-    monkeypatch.setattr(integration, "_world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
-    callback = AsyncSAMCallback(RHO)
+    calls = []
 
     class StubSam:
         def state_dict(self):
             return {"step": 3, "base_optimizer": {}}
 
-    callback.sam = StubSam()
-    callback._loaders_resumable = True
-    callback._fetcher = type("Fetcher", (), {})()
-    callback._fetcher.iterator = PeekingIterator(iter(rank_items[1] + ["later"]))
-    callback._fetcher.iterator.peek(0)
-    state = callback._state_now()
+    def state_on(rank: int, *, peeked: bool = True, gather: bool = True):
+        def gather_object(item, output, dst):  # what torch.distributed does, seen from ``rank``
+            calls.append((rank, item, dst))
+            if output is not None:
+                output[:] = [rank_items[0], rank_items[1]]
+
+        monkeypatch.setattr(integration, "_world_size", lambda: 2)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        monkeypatch.setattr(torch.distributed, "gather_object", gather_object)
+        callback = AsyncSAMCallback(RHO)
+        callback.sam = StubSam()
+        callback._loaders_resumable = True
+        callback._fetcher = type("Fetcher", (), {})()
+        callback._fetcher.iterator = PeekingIterator(iter(rank_items[rank] + ["later"]))
+        if peeked:
+            callback._fetcher.iterator.peek(0)
+        return callback._state_now(gather=gather)
+
+    state = state_on(0)
     assert state["lookahead_items"] == {"world_size": 2, "by_rank": [rank_items[0], rank_items[1]]}
     assert "base_optimizer" not in state
+    assert "lookahead_items" not in state_on(1)  # rank 1 sends its own, writes nothing
+    assert calls[-1] == (1, rank_items[1], 0)
+    # A rank that has peeked nothing still joins the collective (with nothing), so none waits.
+    state_on(1, peeked=False)
+    assert calls[-1] == (1, [], 0)
     # After an exception (perhaps on this rank alone) there is no collective: the items are left out.
-    assert "lookahead_items" not in callback._state_now(gather=False)
-    # On resume each rank takes its own; a different world size drops them with a warning.
+    before = len(calls)
+    assert "lookahead_items" not in state_on(0, gather=False) and len(calls) == before
+    # On resume each rank takes its own; another world size, or one process's list, drops them.
     assert integration._items_of_this_rank(state["lookahead_items"], _FakeTrainer(2, 1)) == rank_items[1]
     assert integration._items_of_this_rank(state["lookahead_items"], _FakeTrainer(2, 0)) == rank_items[0]
     with pytest.warns(UserWarning, match="from 2 ranks, this run has 4: they are dropped"):
         assert integration._items_of_this_rank(state["lookahead_items"], _FakeTrainer(4, 1)) is None
+    with pytest.warns(UserWarning, match="from one process, this run has 2 ranks: they are dropped"):
+        assert integration._items_of_this_rank(["x"], _FakeTrainer(2, 1)) is None
     # One process: the list as before (checkpoints written before keep loading).
     assert integration._items_of_this_rank(["x"], _FakeTrainer(1, 0)) == ["x"]
