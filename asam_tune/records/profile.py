@@ -30,10 +30,14 @@ their content hash too; a version-1 file may not carry them.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SerializerFunctionWrapHandler,
+    model_serializer, model_validator,
+)
 
+from asam_tune.dtypes import ASCENT_DTYPE_NAMES
 from asam_tune.errors import UserInputError
 from asam_tune.records.base import Record
 from asam_tune.records.fingerprint import Fingerprint
@@ -104,8 +108,6 @@ class BatchPoint(Record):
 
 # The dtypes an ascent may run in besides the parameters' own (AsyncSAM's ``ascent_dtype``).
 AscentDtype = Literal["bfloat16", "float16"]
-_ASCENT_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                       "half": "float16"}
 
 
 def ascent_dtype_name(name: object) -> AscentDtype | None:
@@ -114,10 +116,10 @@ def ascent_dtype_name(name: object) -> AscentDtype | None:
     if name is None:
         return None
     text = str(name).strip().lower().removeprefix("torch.")
-    if text not in _ASCENT_DTYPE_NAMES:
+    if text not in ASCENT_DTYPE_NAMES:
         raise UserInputError(f"unknown ascent dtype {name!r}: expected bfloat16 or float16 (or None for the "
                              f"parameters' dtype)")
-    return _ASCENT_DTYPE_NAMES[text]  # type: ignore[return-value]
+    return ASCENT_DTYPE_NAMES[text]  # type: ignore[return-value]
 
 
 class DeviceProfile(Record):
@@ -186,6 +188,13 @@ class HandoverPoint(Record):
     per_step: TimingStats
     weights_on: str | None = Field(default=None, pattern=r"^(cpu|cuda:\d+|fake:\w+)$")
 
+    @model_validator(mode="after")
+    def _weights_on_the_main_device(self) -> "HandoverPoint":
+        main_device = self.main.split("/")[0].removesuffix("+stream")
+        if self.weights_on is not None and self.weights_on != main_device:
+            raise ValueError(f"weights_on {self.weights_on!r} is not the main device of {self.main!r}")
+        return self
+
 
 LoadAverages = tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat]
 
@@ -247,6 +256,16 @@ class Profile(Record):
     # The ascent's autocast dtype the devices' ascent_points were measured in (None: the
     # parameters' dtype, as the points themselves).
     ascent_dtype: AscentDtype | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self.omit_when_none:
+            if data.get(name, ...) is None:
+                del data[name]
+        if self.schema_version == 1:
+            data.pop("handovers", None)  # empty (validated): a version-1 file is written back as it was read
+        return data
 
     @model_validator(mode="after")
     def _version_2_fields_need_version_2(self) -> "Profile":

@@ -65,12 +65,21 @@ def test_the_plan_uses_the_ascent_times_measured_in_its_dtype_and_says_so():
     assert (fp32.perturbation.key, fp32.perturbation_batch_size, fp32.ascent_dtype) == ("cpu/4t", 17, None)
     assert (bf16.perturbation.key, bf16.perturbation_batch_size, bf16.ascent_dtype) == ("cpu/4t", 37, "bfloat16")
     assert bf16.predictions.perturbation_time_s == pytest.approx(0.001 + 0.0005 * 37)
-    # The main step is the main device's own (fp32) points: unchanged.
+    # The main step is the main device's own (fp32) points: unchanged. SAM's ascent runs in
+    # bf16 too (no ascent points on cuda:0 here: its own time) ...
     assert bf16.predictions.main_time_s == pytest.approx(fp32.predictions.main_time_s)
+    assert bf16.predictions.sam_step_s == pytest.approx(fp32.predictions.sam_step_s)
     assert any("measured with its forward under autocast to bfloat16" in n for n in bf16.notes)
     # Round trip through the file format; a plan without it is written without the field.
     assert Plan.model_validate_json(bf16.to_json()) == bf16
     assert "ascent_dtype" not in json.loads(fp32.to_json())
+
+
+def test_sams_baseline_takes_the_main_devices_ascent_in_the_ascent_dtype():
+    # cuda:0: 0.01 + 0.0001 b, opt 0.001; its bf16 ascent twice as fast: SAM = 0.02 + 0.01 + 0.001.
+    plan = make_plan(with_ascent(gpu_with_cpu(), "bfloat16", 2.0, {"cuda:0", "cpu/4t"}), 100)
+    assert plan.predictions.sgd_step_s == pytest.approx(0.021)
+    assert plan.predictions.sam_step_s == pytest.approx(0.031)
 
 
 def test_a_candidate_without_ascent_points_keeps_its_own_times_and_the_plan_says_so():
@@ -137,3 +146,22 @@ def test_async_sam_takes_the_plans_ascent_dtype_unless_told_otherwise(monkeypatc
     assert AsyncSAM(model, optimizer, loss).ascent_dtype is None
     with pytest.raises(UserInputError, match="Invalid ascent_dtype: 'fp8'"):
         AsyncSAM(model, optimizer, loss, ascent_dtype="fp8", **kwargs)
+
+
+def test_async_sam_takes_the_names_the_cli_takes():
+    from asam_tune.perturbers.ascent import check_ascent_dtype
+
+    assert [check_ascent_dtype(n) for n in ("bf16", "FP16", "half", "torch.bfloat16")] == \
+        [torch.bfloat16, torch.float16, torch.float16, torch.bfloat16]
+
+
+def test_a_handover_point_weights_must_be_on_its_main_device():
+    from tests.fixtures.costmodel_profiles import handover
+
+    assert handover("cuda:0", "cpu/1t", 0.001).model_copy(update={"weights_on": "cuda:0"}).weights_on == "cuda:0"
+    doc = json.loads(handover("cpu/2t", "cpu/1t", 0.001).to_json())
+    from asam_tune.records.profile import HandoverPoint
+
+    assert HandoverPoint.model_validate_json(json.dumps({**doc, "weights_on": "cpu"})).weights_on == "cpu"
+    with pytest.raises(ValueError, match="weights_on 'cuda:0' is not the main device of 'cpu/2t'"):
+        HandoverPoint.model_validate_json(json.dumps({**doc, "weights_on": "cuda:0"}))

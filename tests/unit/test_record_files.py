@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,32 @@ def test_a_failed_final_write_keeps_the_record_in_a_named_temporary_file(tmp_pat
 def test_save_or_keep_writes_normally_when_it_can(tmp_path):
     base.save_or_keep(small_profile(), tmp_path / "p.json", "profile")
     assert load_record(Profile, tmp_path / "p.json") == small_profile()
+
+
+def _shipped_records():
+    import glob
+
+    root = Path(__file__).resolve().parents[2]
+    paths = sorted(glob.glob(str(root / "profiles" / "*.json")) + glob.glob(str(root / "docs" / "results" / "*.json"))
+                   + glob.glob(str(root / "tests" / "fixtures" / "*.json")))
+    kinds = {"asam-tune-profile": "Profile", "asam-tune-plan": "Plan"}
+    found = []
+    for path in paths:
+        document = json.loads(Path(path).read_text())
+        if isinstance(document, dict) and document.get("kind") in kinds:
+            found.append(pytest.param(path, kinds[document["kind"]], id=Path(path).name))
+    return found
+
+
+@pytest.mark.parametrize("path, kind", _shipped_records())
+def test_every_shipped_record_loads_and_keeps_its_hash(path, kind):
+    """Plans record their profile's content hash: a file must hash the same loaded as raw, whatever
+    fields were added to its schema since it was written."""
+    import hashlib
+
+    from asam_tune import records
+
+    raw = json.loads(Path(path).read_text())
+    expected = hashlib.sha256(json.dumps(raw, sort_keys=True, allow_nan=False,
+                                         separators=(",", ":")).encode()).hexdigest()
+    assert records.load_record(getattr(records, kind), path).content_hash() == expected
