@@ -94,7 +94,7 @@ class ProcessPerturber(PerturberBase):
         self._spec = None
         self._main_device: torch.device | None = None
         self._gpu = CopyStreamHandover(layer if layer is not None else CudaLayer(), self._handle)
-        self._outputs: list | None = None  # the perturbation's CPU copy when the weights are on the CPU
+        self._outputs: dict[torch.device, list] = {}  # the perturbation's copy where no copy stream serves
         self.pid: int | None = None
         try:
             # The tracker starts from the state the replica is pickled with.
@@ -333,10 +333,11 @@ class ProcessPerturber(PerturberBase):
         device = self._main_device
         if self._gpu.is_accelerator(device):
             return self._gpu.read_up(device, self._layouts[0], self._perturbation)
-        if self._outputs is None:
+        outputs = self._outputs.get(device)
+        if outputs is None:
             flats = self._layouts[0].allocate(device)
-            self._outputs = [flats, self._layouts[0].views(flats)]
-        flats, views = self._outputs
+            self._outputs[device] = outputs = [flats, self._layouts[0].views(flats)]
+        flats, views = outputs
         for dtype, src in self._perturbation.items():
             flats[dtype].copy_(src)
         return views
@@ -413,4 +414,4 @@ class ProcessPerturber(PerturberBase):
         self._weights = self._perturbation = self._frozen = self._buffers = {}
         self._weight_views = self._frozen_views = self._buffer_views = []
         self._gpu.close()
-        self._outputs = None
+        self._outputs.clear()

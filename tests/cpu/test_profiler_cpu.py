@@ -246,9 +246,17 @@ def test_the_main_probe_times_handovers_and_survives_a_worker_that_cannot_start(
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.timeout(120)
-def test_a_quick_cpu_profile_end_to_end(tmp_path):
+def test_a_quick_cpu_profile_end_to_end(tmp_path, monkeypatch):
     updates = []
     loads = []
+    started = []  # (mode, configuration, autocast) of every probe
+    real_init = ProbeProcess.__init__
+
+    def recording_init(self, mode, config, request, *args, **kwargs):
+        started.append((mode, config.key, request.get("autocast")))
+        real_init(self, mode, config, request, *args, **kwargs)
+
+    monkeypatch.setattr(ProbeProcess, "__init__", recording_init)
 
     def real_load_average():  # the real figures, seen on their way in
         loads.append(read_load_average())
@@ -298,7 +306,13 @@ def test_a_quick_cpu_profile_end_to_end(tmp_path):
     assert profile.ascent_dtype == "bfloat16"
     for entry in profile.devices:
         assert [p.batch_size for p in entry.ascent_points] == [4, 8]
-        assert all(p.status == "ok" for p in entry.ascent_points) and entry.ascent_points != entry.points
+        assert all(p.status == "ok" for p in entry.ascent_points)
+    # The ascent sweeps and the busy candidates ran under autocast; the main sweep did not.
+    sweeps = [(key, autocast) for mode, key, autocast in started if mode == "sweep"]
+    assert sweeps[0] == (keys[0], None)
+    assert {key for key, autocast in sweeps if autocast == "bfloat16"} == set(keys)
+    busy_probes = [autocast for mode, _, autocast in started if mode == "busy"]
+    assert busy_probes and all(autocast == "bfloat16" for autocast in busy_probes)
     plan = make_plan(profile, 8, asynchronous=True, min_perturbation_fraction=None)
     assert plan.ascent_dtype == "bfloat16" and any("under autocast to bfloat16" in n for n in plan.notes)
     # Validates and round-trips through the file format.
