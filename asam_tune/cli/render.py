@@ -85,23 +85,12 @@ def profile_tables(profile: Profile) -> list[Table]:
         header.add_row("BUSY", busy)
     tables = [header]
 
-    points = Table(title="Forward+backward and optimizer step (medians)")
-    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy/busy"):
-        points.add_column(column, justify="right" if column not in ("device", "status") else "left")
-    rows = [(entry.config.key, point) for entry in profile.devices
-            for point in sorted(entry.points, key=lambda p: p.batch_size)]
-    rows += [(f"{entry.config.key} ascent {profile.ascent_dtype}", point) for entry in profile.devices
-             for point in sorted(entry.ascent_points or (), key=lambda p: p.batch_size)]
-    for key, point in rows:
-        fb, opt = point.forward_backward, point.optimizer_step
-        rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
-        status = point.status if point.status != "error" else f"error: {point.error}"
-        noisy = ", ".join(flag for flag, present in (("noisy", (fb and fb.noisy) or (opt and opt.noisy)),
-                                                     ("busy", point.busy is not None)) if present)
-        points.add_row(key, str(point.batch_size), status,
-                       _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
-                       _ms(opt.median_s if opt else None), noisy)
-    tables.append(points)
+    tables.append(_points_table("Forward+backward and optimizer step (medians)",
+                                [(entry.config.key, entry.points) for entry in profile.devices]))
+    if profile.ascent_dtype is not None:
+        tables.append(_points_table(f"The ascent under autocast to {profile.ascent_dtype} (medians, --ascent-dtype)",
+                                    [(entry.config.key, entry.ascent_points) for entry in profile.devices
+                                     if entry.ascent_points]))
 
     if profile.transfers:
         tables.append(_table("Transfers (parameters out, perturbation back)",
@@ -123,6 +112,24 @@ def profile_tables(profile: Profile) -> list[Table]:
                              [(h.main, h.perturbation, f"{h.per_step.median_s * 1e3:.3f}",
                                f"{h.per_step.iqr_s * 1e3:.3f}") for h in profile.handovers]))
     return tables
+
+
+def _points_table(title: str, devices) -> Table:
+    """One row per (configuration, batch point) of ``devices``: [(key, points), ...]."""
+    points = Table(title=title)
+    for column in ("device", "batch", "status", "fwd+bwd ms", "IQR ms", "samples/s", "opt step ms", "noisy/busy"):
+        points.add_column(column, justify="right" if column not in ("device", "status") else "left")
+    for key, entry_points in devices:
+        for point in sorted(entry_points, key=lambda p: p.batch_size):
+            fb, opt = point.forward_backward, point.optimizer_step
+            rate = f"{point.batch_size / fb.median_s:,.0f}" if fb else "-"
+            status = point.status if point.status != "error" else f"error: {point.error}"
+            noisy = ", ".join(flag for flag, present in (("noisy", (fb and fb.noisy) or (opt and opt.noisy)),
+                                                         ("busy", point.busy is not None)) if present)
+            points.add_row(key, str(point.batch_size), status,
+                           _ms(fb.median_s if fb else None), _ms(fb.iqr_s if fb else None), rate,
+                           _ms(opt.median_s if opt else None), noisy)
+    return points
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:

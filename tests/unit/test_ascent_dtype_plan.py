@@ -165,3 +165,16 @@ def test_a_handover_point_weights_must_be_on_its_main_device():
     assert HandoverPoint.model_validate_json(json.dumps({**doc, "weights_on": "cpu"})).weights_on == "cpu"
     with pytest.raises(ValueError, match="weights_on 'cuda:0' is not the main device of 'cpu/2t'"):
         HandoverPoint.model_validate_json(json.dumps({**doc, "weights_on": "cuda:0"}))
+
+
+def test_show_prints_the_ascent_points_and_the_plans_dtype():
+    from asam_tune.cli.render import plan_tables, profile_tables
+
+    profile = with_ascent(gpu_with_cpu(), "bfloat16", 2.0, {"cpu/4t"})
+    titles = [t.title for t in profile_tables(profile)]
+    assert "The ascent under autocast to bfloat16 (medians, --ascent-dtype)" in titles
+    assert not any("autocast" in str(t.title) for t in profile_tables(gpu_with_cpu()))
+    [ascent] = [t for t in profile_tables(profile) if "autocast" in str(t.title)]
+    assert ascent.row_count == len(profile.device("cpu/4t").ascent_points)
+    choice = plan_tables(make_plan(profile, 100))[0]
+    assert "ascent dtype" in list(choice.columns[0].cells)
