@@ -25,8 +25,8 @@ handover is the main process's fixed cost per step of using a CPU worker process
 collect, keep/perturb/restore; the profile's HandoverPoint, see candidates.find_handover); 0
 for an accelerator's worker. Measured from a GPU's weights (``weights_on``), it holds what the
 main stream waits for on the copy-stream path (the gather, the result's copy up), and the
-pageable copies too when page-locking failed: those are then not added again. Being on the main step's path it lengthens T_main, and with it
-the budget.
+pageable copies too when page-locking failed: those are then not added again. Being on the
+main step's path it lengthens T_main, and with it the budget.
 
 slowdown_pert is the measured slowdown too when main and perturbation both compute on the CPU
 (they share its memory bandwidth and caches, so the busy worker slows as the main does), and
