@@ -9,7 +9,7 @@ written out below within 1e-9 in float64: same perturbed set (the optimizer's pa
 rho (the rule's, for b_p of B), same dropout masks in the ascent (the job's seed), same modes
 and buffers. At staleness 1 each model trains. Run with ``-s`` to see the table of differences.
 
-The CPU worker unpickles the models and losses below, so they live at module level.
+The CPU worker unpickles the models and losses, so they live at module level, in real_models.py.
 """
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from asam_tune.perturbers.ascent import job_seed, seeded
 from asam_tune.perturbers.batches import batch_size_of, slice_batch
 from asam_tune.records.rho_rule import DEFAULT_RHO_RULE
 from asam_tune.runtime import AsyncSAM
+from tests.conformance.real_models import (FrozenStemCNN, GRUClassifier, TiedLM, hf_loss, sequence_loss,
+                                             xy_loss)
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,59 +36,6 @@ TOLERANCE = 1e-9
 
 
 # ----------------------------------------------------------------------------- models and losses
-
-
-def hf_loss(model, batch):
-    return model(**batch).loss
-
-
-def xy_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def sequence_loss(model, batch):
-    """Next-token cross entropy over (N, T) token ids."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-
-class FrozenStemCNN(nn.Module):
-    """A stem to freeze with its BatchNorm in eval mode, the usual fine-tuning recipe."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-        self.head = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                                  nn.Dropout(0.2), nn.Linear(4 * 4 * 4, 3))
-
-    def forward(self, x):
-        return self.head(self.stem(x))
-
-
-class TiedLM(nn.Module):
-    """Input embedding and output projection share one weight."""
-
-    def __init__(self, vocab: int = 13, width: int = 8):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.mix = nn.Linear(width, width)
-        self.out = nn.Linear(width, vocab, bias=False)
-        self.out.weight = self.embed.weight
-
-    def forward(self, tokens):
-        return self.out(torch.tanh(self.mix(self.embed(tokens))))
-
-
-class GRUClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(3, 6, batch_first=True)
-        self.drop = nn.Dropout(0.1)
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x):
-        out, _ = self.gru(x)
-        return self.head(self.drop(out[:, -1]))
 
 
 def vit():
