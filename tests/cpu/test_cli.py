@@ -111,12 +111,18 @@ def test_plan_refuses_a_profile_from_another_machine_unless_allowed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_profile_plan_train_end_to_end(tmp_path):
+    # One thread count: the main device (cpu/1t) and, beside it, a CPU worker (handover and
+    # contention measured). The profiler's full quick layout, every thread count included, is
+    # tested in process by tests/cpu/test_profiler_cpu.py; here the subject is the stages chained
+    # through the command line.
     profile, plan = tmp_path / "profile.json", tmp_path / "plan.json"
-    result = cli("profile", "--workload", "mnist1d-cnn", "--quick", "--batch-sizes", "8,32", "-o", str(profile),
-                 "--format", "json", timeout=240)
+    result = cli("profile", "--workload", "mnist1d-cnn", "--quick", "--cpu-threads", "1", "--batch-sizes", "8,32",
+                 "-o", str(profile), "--format", "json", timeout=240)
     assert result.returncode == 0, result.stderr
     loaded = load_record(Profile, profile)
     assert json.loads(result.stdout)["workload"]["name"] == "mnist1d-cnn" == loaded.workload.name
+    assert [d.config.key for d in loaded.devices] == ["cpu/1t"]  # --cpu-threads reached the profiler
+    assert loaded.handovers and loaded.contention
     result = cli("plan", str(profile), "-b", "32", "--asynchronous", "-o", str(plan), "--format", "none")
     assert result.returncode == 0, result.stderr
     results = tmp_path / "results.json"
