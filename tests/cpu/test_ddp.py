@@ -508,14 +508,39 @@ def _run(command: list[str], timeout: float, env: dict | None = None) -> subproc
                           env={**os.environ, **(env or {})})
 
 
+SINGLE_PROCESS_EXAMPLES = ("plain_loop.py", "amp_loop.py")
+
+
+@pytest.fixture(scope="module")
+def single_process_examples(tmp_path_factory):
+    """Both examples started at once, their output to files: each is mostly start-up (its main
+    process, then its worker) on one core at a time, so side by side they take little more
+    than one."""
+    folder = tmp_path_factory.mktemp("examples")
+    runs = {}
+    for example in SINGLE_PROCESS_EXAMPLES:
+        out, err = folder / f"{example}.out", folder / f"{example}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen([sys.executable, f"docs/examples/{example}", "--steps", "4"], cwd=REPO,
+                                       stdout=stdout, stderr=stderr, text=True)
+        runs[example] = (process, out, err)
+    yield runs
+    for process, _, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
 @pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("example", ["plain_loop.py", "amp_loop.py"])
-def test_single_process_examples_run(example):
-    done = _run([sys.executable, f"docs/examples/{example}", "--steps", "4"], timeout=100)
-    assert done.returncode == 0, done.stderr
-    assert "4 steps" in done.stdout and "staleness {0: 1, 1: 3}" in done.stdout
+@pytest.mark.parametrize("example", SINGLE_PROCESS_EXAMPLES)
+def test_single_process_examples_run(single_process_examples, example):
+    process, out, err = single_process_examples[example]
+    returncode = process.wait(100)
+    assert returncode == 0, err.read_text()
+    stdout = out.read_text()
+    assert "4 steps" in stdout and "staleness {0: 1, 1: 3}" in stdout
 
 
 def _torchrun(*args: str) -> list[str]:
