@@ -84,22 +84,34 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_two_seeded_runs_with_dropout_through_the_cpu_worker_are_identical():
-    runs = []
-    for _ in range(2):
+def seeded_run() -> tuple[list, object]:
+    """One straight run with dropout through the CPU worker: its weights and statistics."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         torch.manual_seed(3)
         model = make()
         _, stats = train(model, batches(), {"seed": 11})
-        runs.append(weights(model))
-        assert stats.staleness_histogram == {0: 1, 1: 7}
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.set_num_threads(before)
+    return weights(model), stats
 
 
-def test_a_resume_with_dropout_through_the_cpu_worker_is_bit_exact():
+@pytest.fixture(scope="module")
+def straight_run():
+    """The seeded run both tests below compare against (one worker start fewer)."""
+    return seeded_run()
+
+
+def test_two_seeded_runs_with_dropout_through_the_cpu_worker_are_identical(straight_run):
+    runs = [straight_run, seeded_run()]
+    assert all(stats.staleness_histogram == {0: 1, 1: 7} for _, stats in runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+
+
+def test_a_resume_with_dropout_through_the_cpu_worker_is_bit_exact(straight_run):
     data = batches()
-    torch.manual_seed(3)
-    straight = make()
-    train(straight, data, {"seed": 11})
+    straight, _ = straight_run
 
     torch.manual_seed(3)
     first = make()
@@ -120,7 +132,7 @@ def test_a_resume_with_dropout_through_the_cpu_worker_is_bit_exact():
         sam.load_state_dict(checkpoint["sam"])
         for x, y in sam.lookahead(data[4:]):
             sam.step(x, y)
-    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(straight)))
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), straight))
 
 
 def test_a_lambda_loss_reaches_the_worker():
