@@ -244,6 +244,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", "--cpu-only", dest="dry_run", action="store_true",
                         help="the same code on the CPU: one small case, a few steps, quick profiles")
     parser.add_argument("--quick", action="store_true", help="quick profiles")
+    parser.add_argument("--ascent-dtype", default=None, metavar="DTYPE",
+                        help="profile the first case's ascent under autocast too (bf16 or fp16): its plans and "
+                             "speed runs then use that dtype; the other cases stay in the parameters' dtype")
     parser.add_argument("--trace-steps", type=positive_int, default=None, help=argparse.SUPPRESS)
 
 
@@ -272,6 +275,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         _log("no CUDA device visible: rerun with --dry-run for a dry run on the CPU")
         return 2
+    from asam_tune.records.profile import ascent_dtype_name
+
+    ascent_dtype = ascent_dtype_name(args.ascent_dtype)  # a typo is one line now, not after the first case
     budget = Budget(args.budget_s)
     steps = min(args.steps, 4) if args.dry_run else args.steps
     warmup = 1 if args.dry_run else 5
@@ -283,13 +289,16 @@ def run(args: argparse.Namespace) -> int:
     document: dict = {**provenance(), "dry_run": bool(args.dry_run), "device": str(device),
                       "command": "python -m asam_tune.bench.gpu_check" + (" --dry-run" if args.dry_run else ""),
                       "speed": [], "stream": [], "accuracy": [], "trace": None, "verdicts": {}, "skipped": []}
-    for workload, batch_sizes in cases:
+    for index, (workload, batch_sizes) in enumerate(cases):
         if not budget.allows(f"profile of {workload}", 45):
             continue
-        _log(f"profiling {workload} on {', '.join(devices)}")
+        # Only the first case doubles its sweeps for the ascent's dtype: the budget is for all cases.
+        case_dtype = ascent_dtype if index == 0 else None
+        _log(f"profiling {workload} on {', '.join(devices)}" + (f", the ascent also in {case_dtype}" if case_dtype else ""))
         sweep = sorted({8, 16, 32, *batch_sizes}) if args.dry_run else sorted({8, 16, 32, 64, *batch_sizes})
         profile = run_profile(workload, devices=devices, batch_sizes=sweep, quick=args.quick or args.dry_run,
-                              main_device=profile_main, progress=lambda update: _log(f"  {update.message}"))
+                              main_device=profile_main, progress=lambda update: _log(f"  {update.message}"),
+                              ascent_dtype=case_dtype)
         dump_record(profile, out / f"profile-{workload}.json")
         for batch_size in batch_sizes:
             name = f"{workload}-b{batch_size}"

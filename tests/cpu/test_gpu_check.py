@@ -75,3 +75,26 @@ def test_the_handover_cost_bench_measures_its_modes(tmp_path, monkeypatch):
     assert [r["mode"] for r in result["results"]] == ["inline", "issue-only"]
     assert all(r["main_median_s"] > 0 and r["parameter_bytes"] > 0 for r in result["results"])
     assert len(result["load_average_before"]) == 3
+
+
+def test_the_ascent_dtype_goes_to_the_first_cases_profile_only_and_a_bad_one_is_one_line(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import asam_tune.profiler as profiler
+
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--ascent-dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown ascent dtype 'fp8'" in err[0]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_profile(workload, **kwargs):
+        seen.append((workload, kwargs["ascent_dtype"]))
+        raise Stop
+
+    monkeypatch.setattr(profiler, "run_profile", fake_run_profile)
+    monkeypatch.setattr(gpu_check, "DRY_RUN_CASES", (("mnist1d-cnn", (32,)), ("resnet20", (32,))))
+    with pytest.raises(Stop):
+        gpu_check.main(["--out", str(tmp_path), "--dry-run", "--ascent-dtype", "bf16"])
+    assert seen == [("mnist1d-cnn", "bfloat16")]
