@@ -300,14 +300,7 @@ class AsyncSAMCallback(TrainerCallback):
         """Close the worker when ``train()`` raises anywhere (an evaluation, a save, the optimizer)."""
         if getattr(trainer.train, "_asam_tune_closes", None) is self:
             return
-        original = trainer.train
-
-        def train(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return original(*args, **kwargs)
-            except BaseException:
-                self._close()
-                raise
+        train = self._closing_wrapper(trainer.train)
         train._asam_tune_closes = self
         trainer.train = train
 

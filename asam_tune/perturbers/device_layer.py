@@ -193,9 +193,18 @@ class _AcceptingCudart:
 
 
 class _ThreadStreams:
-    """The fake layers' current stream: per thread, as CUDA's is, set by ``on_stream``."""
+    """What the fake layers share: the current stream, per thread as CUDA's is (set by
+    ``on_stream``), and a cudart that registers host memory as CUDA does."""
 
     _local: threading.local
+
+    def cudart(self) -> Any:
+        if getattr(self, "_cudart", None) is None:
+            self._cudart = _AcceptingCudart()  # one per layer, as one per process on a GPU
+        return self._cudart
+
+    def keep_alive(self, tensor: torch.Tensor, stream: Any) -> None:
+        pass  # the fakes' copies run before their sources can be freed
 
     @contextlib.contextmanager
     def on_stream(self, stream: Any) -> Iterator[None]:
@@ -276,13 +285,6 @@ class RecordingLayer(_ThreadStreams):
             _flat_gather(flat, tensors)
         self.mark("gather", stream)
 
-    def keep_alive(self, tensor: torch.Tensor, stream: FakeStream) -> None:
-        pass
-
-    def cudart(self) -> Any:
-        if getattr(self, "_cudart", None) is None:
-            self._cudart = _AcceptingCudart()  # one per layer, as one per process on a GPU
-        return self._cudart
 
     # -- NVTX, recorded as operations on the thread's current stream
 
@@ -413,13 +415,6 @@ class HostThreadLayer(_ThreadStreams):
         tensors = list(tensors)
         stream.put(lambda: _flat_gather(flat, tensors))
 
-    def keep_alive(self, tensor: torch.Tensor, stream: _HostStream) -> None:
-        pass
-
-    def cudart(self) -> Any:
-        if getattr(self, "_cudart", None) is None:
-            self._cudart = _AcceptingCudart()  # one per layer, as one per process on a GPU
-        return self._cudart
 
     def close(self) -> None:
         for stream in self._streams:

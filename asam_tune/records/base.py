@@ -28,6 +28,9 @@ class Record(BaseModel):
     # None, so those files are written back, and hashed, exactly as they were (plans record the
     # hash of the profile they were made from).
     omit_when_none: ClassVar[frozenset[str]] = frozenset()
+    # Fields a version-1 document never had (their validated defaults, then): left out of a
+    # record whose schema_version is 1, so it is written back as it was read.
+    omit_in_version_1: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
     def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -35,6 +38,9 @@ class Record(BaseModel):
         for name in self.omit_when_none:
             if data.get(name, ...) is None:
                 del data[name]
+        if getattr(self, "schema_version", None) == 1:
+            for name in self.omit_in_version_1:
+                data.pop(name, None)
         return data
 
     def to_json(self) -> str:

@@ -29,12 +29,9 @@ A plan names devices and numbers only: it never names code to import.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import (
-    Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SerializerFunctionWrapHandler,
-    model_serializer, model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from asam_tune.records.base import Record
 from asam_tune.records.fingerprint import Fingerprint
@@ -211,6 +208,7 @@ class Plan(Record):
     """The cost model's decision for one batch size on one profiled machine."""
 
     omit_when_none = frozenset({"quality", "hiding", "trade", "profile_load", "ascent_dtype"})
+    omit_in_version_1 = frozenset({"rho_rule"})  # its default there
 
     # 1: before the quality floor and the rho rule; still read, never written by the planner.
     schema_version: Literal[1, 2] = PLAN_SCHEMA_VERSION
@@ -249,16 +247,6 @@ class Plan(Record):
     profile_load: ProfileLoad | None = None
     # The ascent's autocast dtype the plan's times assume (from the profile); None: the parameters'.
     ascent_dtype: AscentDtype | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        for name in self.omit_when_none:
-            if data.get(name, ...) is None:
-                del data[name]
-        if self.schema_version == 1:
-            data.pop("rho_rule", None)  # its default: a version-1 file is written back as it was read
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":

@@ -30,12 +30,9 @@ their content hash too; a version-1 file may not carry them.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import (
-    Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SerializerFunctionWrapHandler,
-    model_serializer, model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from asam_tune.dtypes import ASCENT_DTYPE_NAMES
 from asam_tune.errors import UserInputError
@@ -239,6 +236,7 @@ class ProfileSettings(Record):
 
 class Profile(Record):
     omit_when_none = frozenset({"machine_load", "ascent_dtype"})
+    omit_in_version_1 = frozenset({"handovers"})  # empty there (validated)
 
     # 1: before handovers were measured; still read, never written.
     schema_version: Literal[1, 2] = PROFILE_SCHEMA_VERSION
@@ -256,16 +254,6 @@ class Profile(Record):
     # The ascent's autocast dtype the devices' ascent_points were measured in (None: the
     # parameters' dtype, as the points themselves).
     ascent_dtype: AscentDtype | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        for name in self.omit_when_none:
-            if data.get(name, ...) is None:
-                del data[name]
-        if self.schema_version == 1:
-            data.pop("handovers", None)  # empty (validated): a version-1 file is written back as it was read
-        return data
 
     @model_validator(mode="after")
     def _version_2_fields_need_version_2(self) -> "Profile":
