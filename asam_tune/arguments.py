@@ -149,21 +149,26 @@ def add_allow_other_machine(parser: argparse.ArgumentParser, what: str = "a plan
 def script_main(doc: str, add_arguments, run, argv=None) -> int:
     """``python -m asam_tune.bench.X``: the parser from ``add_arguments``, then ``run(args)``; a user
     error is one line on stderr and exit code 2, as under ``asam-tune bench X``."""
-    from asam_tune.errors import AsamTuneError
-
     lines = doc.strip().splitlines()
     parser = argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    return exit_code_of(lambda: run(args))
+
+
+def exit_code_of(run) -> int:
+    """``run()``'s exit code (None: 0); a user error is one line on stderr and exit code 2."""
+    from asam_tune.errors import AsamTuneError
+
     try:
-        return run(args) or 0
+        return run() or 0
     except AsamTuneError as exc:
         print(f"asam-tune: error: {exc}", file=sys.stderr)
         return 2
 
 
 __all__ = [
-    "BUILTIN_WORKLOADS", "add_allow_other_machine", "script_main", "add_workload_args", "csv", "csv_ints", "fraction",
+    "BUILTIN_WORKLOADS", "add_allow_other_machine", "exit_code_of", "script_main", "add_workload_args", "csv", "csv_ints", "fraction",
     "non_negative_float", "non_negative_int", "positive_float", "positive_int", "workload_spec",
 ]

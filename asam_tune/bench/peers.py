@@ -25,9 +25,10 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from asam_tune.arguments import exit_code_of
 from asam_tune.bench.peers_methods import NEEDS_EXTRA, Method, parse_method
 from asam_tune.bench.peers_tasks import TASKS, Task, load_task
-from asam_tune.errors import AsamTuneError, UserInputError
+from asam_tune.errors import UserInputError
 
 DEFAULT_METHODS = (
     "sgd", "sam", "po-sam", "looksam-k5", "looksam-k10",
@@ -173,50 +174,50 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return exit_code_of(lambda: _run(args, argv))
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import torch
+
+    from asam_tune.bench.peers_plots import write_plots
+    from asam_tune.bench.peers_report import markdown
+    from asam_tune.bench.peers_train import RunStore
+    from asam_tune.bench.provenance import emit_result, provenance
+
+    task = load_task(args.workload)
+    names = args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    methods = [parse_method(n) for n in names]
+    if len({m.name for m in methods}) != len(methods):
+        raise UserInputError(f"--methods lists a method twice: {','.join(names)}")
+    check_extras(methods, plots=not args.no_plots)
+    epochs = 1 if args.quick else (args.epochs or task.epochs)
+    seeds = 1 if args.quick else args.seeds
+    sweep_seeds = min(args.sweep_seeds, seeds)
+    rule_sweep_seeds = min(args.rule_sweep_seeds or sweep_seeds, seeds)
+    grid = [0.1] if args.quick and args.rho_grid is None else args.rho_grid
+    timing_steps = min(args.timing_steps, 10) if args.quick else args.timing_steps
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    store = RunStore(args.cache or output / "runs.jsonl")
+    started_load = list(os.getloadavg())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runs are timed on one core
     try:
-        import torch
-
-        from asam_tune.bench.peers_plots import write_plots
-        from asam_tune.bench.peers_report import markdown
-        from asam_tune.bench.peers_train import RunStore
-        from asam_tune.bench.provenance import emit_result, provenance
-
-        task = load_task(args.workload)
-        names = args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)
-        methods = [parse_method(n) for n in names]
-        if len({m.name for m in methods}) != len(methods):
-            raise UserInputError(f"--methods lists a method twice: {','.join(names)}")
-        check_extras(methods, plots=not args.no_plots)
-        epochs = 1 if args.quick else (args.epochs or task.epochs)
-        seeds = 1 if args.quick else args.seeds
-        sweep_seeds = min(args.sweep_seeds, seeds)
-        rule_sweep_seeds = min(args.rule_sweep_seeds or sweep_seeds, seeds)
-        grid = [0.1] if args.quick and args.rho_grid is None else args.rho_grid
-        timing_steps = min(args.timing_steps, 10) if args.quick else args.timing_steps
-        output = Path(args.output)
-        output.mkdir(parents=True, exist_ok=True)
-        store = RunStore(args.cache or output / "runs.jsonl")
-        started_load = list(os.getloadavg())
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the runs are timed on one core
-        try:
-            result = run_peers(task, methods, epochs=epochs, seeds=seeds, sweep_seeds=sweep_seeds, grid=grid,
-                               store=store, beta=args.beta, timing_steps=timing_steps,
-                               rule_sweep_seeds=rule_sweep_seeds,
-                               progress=lambda line: print(line, file=sys.stderr, flush=True))
-        finally:
-            torch.set_num_threads(threads)
-        result = {**provenance(), "command": "python -m asam_tune.bench.peers " + shlex.join(sys.argv[1:] if argv is None else argv),
-                  "load_average": {"start": [round(v, 2) for v in started_load],
-                                   "end": [round(v, 2) for v in os.getloadavg()]},
-                  "run_store": str(store.path), **result}
-        if not args.no_plots:
-            result["plots"] = write_plots(result, output)
-        (output / "peers.md").write_text(markdown(result))
-        return emit_result(result, str(output / "peers.json"), f"wrote {output / 'peers.json'} and {output / 'peers.md'}")
-    except AsamTuneError as exc:
-        print(f"asam-tune: error: {exc}", file=sys.stderr)
-        return 2
+        result = run_peers(task, methods, epochs=epochs, seeds=seeds, sweep_seeds=sweep_seeds, grid=grid,
+                           store=store, beta=args.beta, timing_steps=timing_steps,
+                           rule_sweep_seeds=rule_sweep_seeds,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        torch.set_num_threads(threads)
+    result = {**provenance(), "command": "python -m asam_tune.bench.peers " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "load_average": {"start": [round(v, 2) for v in started_load],
+                               "end": [round(v, 2) for v in os.getloadavg()]},
+              "run_store": str(store.path), **result}
+    if not args.no_plots:
+        result["plots"] = write_plots(result, output)
+    (output / "peers.md").write_text(markdown(result))
+    return emit_result(result, str(output / "peers.json"), f"wrote {output / 'peers.json'} and {output / 'peers.md'}")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from asam_tune.arguments import exit_code_of
 from asam_tune.bench.peers_cost import budget_cost, hidden_samples
 from asam_tune.bench.peers_methods import parse_method
-from asam_tune.errors import AsamTuneError, UserInputError
+from asam_tune.errors import UserInputError
 
 GAIN_TARGET = 0.9
 
@@ -165,38 +166,38 @@ def main(argv=None) -> int:
     parser.add_argument("--target-beta", default="1/30", help="the 30x profile of the targets")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    try:
-        from asam_tune.bench.peers_remedies_report import markdown
-        from asam_tune.bench.provenance import emit_result, provenance
+    return exit_code_of(lambda: _run(args))
 
-        try:
-            beta, target_beta = Fraction(args.beta), Fraction(args.target_beta)
-        except (ValueError, ZeroDivisionError):
-            raise UserInputError(f"--beta and --target-beta must be fractions such as 1/32, got "
-                                 f"{args.beta!r}, {args.target_beta!r}") from None
-        try:
-            results = [json.loads(Path(p).read_text()) for p in args.input]
-            study = json.loads(Path(args.rho).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserInputError(f"cannot read an input: {exc}") from None
-        checks = {c["workload"]: c for c in study.get("checks", [])}
-        report = {**provenance(), "beta": str(beta), "gain_target": GAIN_TARGET, "inputs": args.input,
-                  "rho_study": args.rho, "rule": study["rule"], "floor_fraction": study.get("floor_fraction"),
-                  "workloads": {}}
-        for r in results:
-            check = checks.get(r["task"])
-            report["workloads"][r["task"]] = {
-                "sgd_test_mean": r["sgd_test_mean"], "sam_test_mean": r["sam_test_mean"],
-                "forward_backward_share": r["forward_backward_share"],
-                "ranking": candidates(r, check, beta),
-                "targets": targets(r, check, target_beta, study.get("floor_fraction"))}
-        output = Path(args.output)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "remedies.md").write_text(markdown(report))
-        return emit_result(report, str(output / "remedies.json"), markdown(report))
-    except AsamTuneError as exc:
-        print(f"asam-tune: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    from asam_tune.bench.peers_remedies_report import markdown
+    from asam_tune.bench.provenance import emit_result, provenance
+
+    try:
+        beta, target_beta = Fraction(args.beta), Fraction(args.target_beta)
+    except (ValueError, ZeroDivisionError):
+        raise UserInputError(f"--beta and --target-beta must be fractions such as 1/32, got "
+                             f"{args.beta!r}, {args.target_beta!r}") from None
+    try:
+        results = [json.loads(Path(p).read_text()) for p in args.input]
+        study = json.loads(Path(args.rho).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"cannot read an input: {exc}") from None
+    checks = {c["workload"]: c for c in study.get("checks", [])}
+    report = {**provenance(), "beta": str(beta), "gain_target": GAIN_TARGET, "inputs": args.input,
+              "rho_study": args.rho, "rule": study["rule"], "floor_fraction": study.get("floor_fraction"),
+              "workloads": {}}
+    for r in results:
+        check = checks.get(r["task"])
+        report["workloads"][r["task"]] = {
+            "sgd_test_mean": r["sgd_test_mean"], "sam_test_mean": r["sam_test_mean"],
+            "forward_backward_share": r["forward_backward_share"],
+            "ranking": candidates(r, check, beta),
+            "targets": targets(r, check, target_beta, study.get("floor_fraction"))}
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "remedies.md").write_text(markdown(report))
+    return emit_result(report, str(output / "remedies.json"), markdown(report))
 
 
 if __name__ == "__main__":

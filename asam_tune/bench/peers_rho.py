@@ -28,7 +28,8 @@ from fractions import Fraction
 import sys
 from pathlib import Path
 
-from asam_tune.errors import AsamTuneError, UserInputError
+from asam_tune.arguments import exit_code_of
+from asam_tune.errors import UserInputError
 
 FLOOR_TOLERANCE = 0.10
 
@@ -182,54 +183,54 @@ def main(argv=None) -> int:
                         help="check only these of the measured b_p/B (same form as --extra-fractions; default: all)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        import torch
+    return exit_code_of(lambda: _run(args))
 
-        from asam_tune.bench.peers_rho_report import markdown, plot
-        from asam_tune.bench.provenance import emit_result, provenance
 
-        threads = torch.get_num_threads()
-        results = []
-        for path in args.input:
-            try:
-                results.append(json.loads(Path(path).read_text()))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UserInputError(f"cannot read the peers result {path}: {exc}") from None
-        points = [p for r in results for p in points_of(r)]
-        fits = {"pooled": fit(points), "pooled, parabola vertices": fit(points, key="vertex_factor")}
-        for r in results:
-            mine = [p for p in points if p["workload"] == r["task"]]
-            try:
-                fits[r["task"]] = fit(mine)
-            except UserInputError as exc:
-                fits[r["task"]] = {"error": str(exc)}
-        rule = fits["pooled"]["power_with_cap"]
-        progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-        torch.set_num_threads(1)
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from asam_tune.bench.peers_rho_report import markdown, plot
+    from asam_tune.bench.provenance import emit_result, provenance
+
+    threads = torch.get_num_threads()
+    results = []
+    for path in args.input:
         try:
-            checks = [] if args.no_check else [
-                check_rule(r, rule, progress=progress, extra_fractions=extra_for(args.extra_fractions, r["task"]),
-                           only_fractions=extra_for(args.check_fractions, r["task"]))
-                for r in results]
-        finally:
-            torch.set_num_threads(threads)
-        output = Path(args.output)
-        output.mkdir(parents=True, exist_ok=True)
-        study = {**provenance(), "inputs": args.input, "points": points, "fits": fits,
-                 "rule": {"kind": "power", "exponent": rule["exponent"], "max_factor": rule["max_factor"],
-                          "source": f"peers_rho on {', '.join(r['task'] for r in results)} "
-                                    f"(validation split), pooled fit"},
-                 "checks": checks, "floor_tolerance": FLOOR_TOLERANCE}
-        study["gain_table"] = gain_table(checks)
-        floors = [c["floor_fraction"] for c in checks if c["floor_fraction"] is not None]
-        study["floor_fraction"] = max(floors) if len(floors) == len(checks) and floors else None
-        if not args.no_plots:
-            study["plot"] = plot(study, output / "rho-vs-bp.png")
-        (output / "rho.md").write_text(markdown(study))
-        return emit_result(study, str(output / "rho.json"), markdown(study))
-    except AsamTuneError as exc:
-        print(f"asam-tune: error: {exc}", file=sys.stderr)
-        return 2
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserInputError(f"cannot read the peers result {path}: {exc}") from None
+    points = [p for r in results for p in points_of(r)]
+    fits = {"pooled": fit(points), "pooled, parabola vertices": fit(points, key="vertex_factor")}
+    for r in results:
+        mine = [p for p in points if p["workload"] == r["task"]]
+        try:
+            fits[r["task"]] = fit(mine)
+        except UserInputError as exc:
+            fits[r["task"]] = {"error": str(exc)}
+    rule = fits["pooled"]["power_with_cap"]
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(1)
+    try:
+        checks = [] if args.no_check else [
+            check_rule(r, rule, progress=progress, extra_fractions=extra_for(args.extra_fractions, r["task"]),
+                       only_fractions=extra_for(args.check_fractions, r["task"]))
+            for r in results]
+    finally:
+        torch.set_num_threads(threads)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    study = {**provenance(), "inputs": args.input, "points": points, "fits": fits,
+             "rule": {"kind": "power", "exponent": rule["exponent"], "max_factor": rule["max_factor"],
+                      "source": f"peers_rho on {', '.join(r['task'] for r in results)} "
+                                f"(validation split), pooled fit"},
+             "checks": checks, "floor_tolerance": FLOOR_TOLERANCE}
+    study["gain_table"] = gain_table(checks)
+    floors = [c["floor_fraction"] for c in checks if c["floor_fraction"] is not None]
+    study["floor_fraction"] = max(floors) if len(floors) == len(checks) and floors else None
+    if not args.no_plots:
+        study["plot"] = plot(study, output / "rho-vs-bp.png")
+    (output / "rho.md").write_text(markdown(study))
+    return emit_result(study, str(output / "rho.json"), markdown(study))
 
 
 if __name__ == "__main__":
